@@ -1,0 +1,106 @@
+"""
+Poor man's configurator, the nanoGPT way, with errors a person can act on. A script
+defines its defaults as module-level variables and then runs
+
+    exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
+
+which overrides them from the command line, left to right:
+
+    python train.py config/train_cifar.py --batch_size=64 --compile=False --classes=3,5
+
+- a positional argument is a config file: plain Python whose assignments override defaults;
+- --key=value overrides one default; the value is parsed with ast.literal_eval (so
+  --lr=1e-3, --compile=False, --classes=3,5 give a float, a bool, a tuple), and taken
+  as the raw text when the default is a string (--device=cuda, --classes=cat,dog).
+
+An unknown key, a value of the wrong type or a missing config file ends the program
+with one line on stderr and exit status 1. `--help` lists every key with its default.
+Afterwards `config_keys` names the keys, for scripts that log or save their config.
+This file is exec'd inside the script, so its own names start with an underscore.
+"""
+
+import ast as _ast
+import builtins as _builtins
+import difflib as _difflib
+import sys as _sys
+
+_CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
+config_keys = [
+    _k for _k, _v in globals().items() if not _k.startswith("_") and isinstance(_v, _CONFIG_TYPES)
+]
+
+
+def _config_error(message):
+    _sys.exit(f"config error: {message}")
+
+
+def _checked_value(key, value, source):
+    """value, converted to the type of key's default where that is lossless, or an error."""
+    if key not in config_keys:
+        close = _difflib.get_close_matches(key, config_keys, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else "; run with --help to list them"
+        _config_error(f"unknown config key '{key}' ({source}){hint}")
+    default = globals()[key]
+    if default is None or type(value) is type(default):
+        return value
+    if isinstance(default, float) and type(value) is int:
+        return float(value)  # --lr=1 means 1.0
+    if isinstance(default, (tuple, list)):
+        if type(value) in (int, float, str):
+            value = (value,)  # --classes=3 for a tuple key
+        if isinstance(value, (tuple, list)):
+            return type(default)(value)
+    _config_error(
+        f"{key} ({source}) expects {type(default).__name__} like {default!r}, "
+        f"got {type(value).__name__} {value!r}"
+    )
+
+
+def _parse_value(key, text):
+    if key in config_keys and isinstance(globals()[key], str):
+        # strings stay as typed, unless quoted: --device=cuda, --classes=3,5, --name="'x'"
+        try:
+            quoted = _ast.literal_eval(text)
+            return quoted if isinstance(quoted, str) else text
+        except (ValueError, SyntaxError):
+            return text
+    try:
+        return _ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word; the type check says whether a string fits here
+
+
+def _print_help():
+    print(f"usage: python {_sys.argv[0]} [config_file.py ...] [--key=value ...]\n\nconfig keys and defaults:")
+    for _key in config_keys:
+        print(f"  --{_key}={globals()[_key]!r}")
+    _sys.exit(0)
+
+
+for _arg in _sys.argv[1:]:
+    if _arg in ("-h", "--help"):
+        _print_help()
+    elif _arg.startswith("--"):
+        if "=" not in _arg:
+            _config_error(f"'{_arg}' has no value; write {_arg}=VALUE")
+        _key, _text = _arg[2:].split("=", 1)
+        _value = _checked_value(_key, _parse_value(_key, _text), "command line")
+        print(f"Overriding: {_key} = {_value!r}")
+        globals()[_key] = _value
+    else:
+        try:
+            with open(_arg) as _f:
+                _source = _f.read()
+        except OSError as _e:
+            _config_error(f"cannot read config file '{_arg}': {_e.strerror}")
+        print(f"Overriding config with {_arg}")
+        # Run the file in its own namespace, then check every name it set like a --key=value.
+        _namespace = {}
+        try:
+            # (builtins.compile: scripts have a config key named `compile`)
+            exec(_builtins.compile(_source, _arg, "exec"), _namespace)
+        except Exception as _e:
+            _config_error(f"config file '{_arg}' failed: {type(_e).__name__}: {_e}")
+        for _key, _value in _namespace.items():
+            if not _key.startswith("_") and isinstance(_value, _CONFIG_TYPES):
+                globals()[_key] = _checked_value(_key, _value, _arg)

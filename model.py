@@ -1,0 +1,422 @@
+"""
+The whole of nano-diffusion's model in one file, readable top to bottom:
+
+1. DiT: a diffusion transformer in the PixArt-alpha style (https://arxiv.org/abs/2310.00426)
+   - patch embedding + fixed 2D sin-cos positions,
+   - adaLN-single: one shared MLP turns the timestep into the shift/scale/gate vectors
+     of every block, each block adds its own learned table to them,
+   - class conditioning by attention to a learned class token (with a "no class" id
+     for classifier-free guidance).
+2. Noise schedules from Chen 2023, "On the Importance of Noise Scheduling for Diffusion
+   Models" (https://arxiv.org/abs/2301.10972): linear, cosine, sigmoid, and the input scale b.
+3. The training loss (shared by train.py and the tests).
+4. The DDIM sampler (https://arxiv.org/abs/2010.02502) with classifier-free guidance
+   (https://arxiv.org/abs/2207.12598).
+
+Time is continuous: t in [0, 1], t = 0 is clean data, t = 1 is pure noise, and
+gamma(t) = alpha_bar(t) is the fraction of signal variance left at time t:
+    x_t = sqrt(gamma(t)) * b * x_0 + sqrt(1 - gamma(t)) * eps,   eps ~ N(0, I)
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. The model
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 32  # height = width of the model's input (pixels, or latents)
+    in_channels: int = 3  # 3 for RGB pixels, the VAE's latent channels for latents
+    patch_size: int = 2  # each patch_size x patch_size square becomes one token
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_ratio: float = 4.0
+    num_classes: int = 10  # class ids 0..num_classes-1; id num_classes means "no class"
+    dropout: float = 0.0
+    prediction: str = "v"  # 'v' (Salimans & Ho 2022, arXiv 2202.00512) or 'eps' (DDPM)
+
+    def __post_init__(self):
+        if self.prediction not in ("v", "eps"):
+            raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input size {self.input_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+
+
+# Sizes of the DiT paper (Peebles & Xie 2022, Table 1): config files set these three numbers.
+DIT_PRESETS = {
+    "S": dict(n_layer=12, n_head=6, n_embd=384),
+    "B": dict(n_layer=12, n_head=12, n_embd=768),
+    "L": dict(n_layer=24, n_head=16, n_embd=1024),
+    "XL": dict(n_layer=28, n_head=16, n_embd=1152),
+}
+
+
+def sincos_pos_embed_2d(n_embd, grid_size):
+    """Fixed 2D sin-cos position embeddings (as in ViT-MAE and DiT): (grid_size**2, n_embd).
+    Half of the channels encode the row, half the column, each as sin/cos at
+    geometrically spaced frequencies."""
+    assert n_embd % 4 == 0, "n_embd must be divisible by 4 for 2D sin-cos embeddings"
+    freqs = 1.0 / 10000 ** (torch.arange(n_embd // 4, dtype=torch.float64) / (n_embd // 4))
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
+
+    def embed_1d(pos):  # (G*G,) -> (G*G, n_embd/2)
+        angles = pos[:, None] * freqs[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([embed_1d(rows.flatten()), embed_1d(cols.flatten())], dim=1)
+    return emb.float()
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of continuous t in [0, 1]. t is scaled by 1000 so the
+    frequencies see the same range as with the usual 1000 discrete DDPM steps."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    angles = 1000 * t.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=1)  # (B, dim)
+
+
+def modulate(x, shift, scale):
+    # x (B, N, D); shift, scale (B, D)
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Self-attention over the patch tokens, with the class token appended to the keys
+    and values only.
+
+    Why not a cross-attention layer per block (as PixArt does for text)? With a single
+    class token, cross-attention has one key, so its softmax is always 1 and it
+    degenerates into adding the same vector to every patch. Appending the class token
+    to self-attention's keys/values keeps it a real attention: every patch decides how
+    much to look at the class versus at the other patches, at the cost of one extra
+    key (N+1 instead of N), and no extra layer."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # one fused projection
+        self.class_kv = nn.Linear(config.n_embd, 2 * config.n_embd)  # the class token's k, v
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.proj_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, class_token):
+        B, N, D = x.shape
+        H = self.n_head
+        # (B, N, 3D) -> (3, B, H, N, D/H)
+        q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        # (B, 1, 2D) -> (2, B, H, 1, D/H)
+        k_class, v_class = self.class_kv(class_token).view(B, 1, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        k = torch.cat([k_class, k], dim=2)  # (B, H, N+1, D/H)
+        v = torch.cat([v_class, v], dim=2)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, D/H) -> (B, N, D)
+        return self.proj_dropout(self.proj(x))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hidden = int(config.n_embd * config.mlp_ratio)
+        self.fc = nn.Linear(config.n_embd, hidden)
+        self.proj = nn.Linear(hidden, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-single modulation (PixArt-alpha section 2.3)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.n_embd, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(config)
+        self.norm2 = nn.LayerNorm(config.n_embd, elementwise_affine=False, eps=1e-6)
+        self.mlp = MLP(config)
+        # This block's own learned embedding, added to the shared timestep modulation:
+        # rows are shift/scale/gate for attention, then shift/scale/gate for the MLP.
+        self.scale_shift_table = nn.Parameter(torch.zeros(6, config.n_embd))
+
+    def forward(self, x, class_token, t_mod):
+        # x (B, N, D); class_token (B, 1, D); t_mod (B, 6, D) from the shared adaLN-single MLP
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t_mod
+        ).unbind(1)  # 6 x (B, D)
+        x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn), class_token)
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class DiT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        D, p = config.n_embd, config.patch_size
+        self.grid_size = config.input_size // p
+        self.patch_embed = nn.Conv2d(config.in_channels, D, kernel_size=p, stride=p)
+        self.register_buffer(
+            "pos_embed", sincos_pos_embed_2d(D, self.grid_size)[None], persistent=False
+        )  # (1, N, D)
+        self.t_freq_dim = 256
+        self.t_embedder = nn.Sequential(nn.Linear(self.t_freq_dim, D), nn.SiLU(), nn.Linear(D, D))
+        # adaLN-single: ONE linear layer makes the 6 modulation vectors for all blocks
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.class_embed = nn.Embedding(config.num_classes + 1, D)  # +1: the "no class" id
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.out_scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+        self.out = nn.Linear(D, p * p * config.in_channels)
+        self._init_weights()
+
+    def _init_weights(self):
+        # As in DiT: xavier for linear layers, the patch embedding treated as a linear layer
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
+        nn.init.normal_(self.class_embed.weight, std=0.02)
+        # Zero the shared modulation, and give each block random shifts/scales but zero
+        # gates: every block starts as the identity, and the output layer starts at zero.
+        nn.init.zeros_(self.t_block[1].weight)
+        nn.init.zeros_(self.t_block[1].bias)
+        D = self.config.n_embd
+        for block in self.blocks:
+            with torch.no_grad():
+                block.scale_shift_table.copy_(torch.randn(6, D) / D**0.5)
+                block.scale_shift_table[[2, 5]] = 0.0  # the two gates
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x, t, y):
+        """x (B, C, H, W) noisy input; t (B,) float in [0, 1]; y (B,) long class ids,
+        y == num_classes meaning "no class". Returns the prediction (eps or v), shaped as x."""
+        B, C, H, W = x.shape
+        p, D = self.config.patch_size, self.config.n_embd
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
+        t_emb = self.t_embedder(timestep_embedding(t, self.t_freq_dim))  # (B, D)
+        t_mod = self.t_block(t_emb).view(B, 6, D)  # computed once, shared by all blocks
+        class_token = self.class_embed(y)[:, None]  # (B, 1, D)
+        for block in self.blocks:
+            x = block(x, class_token, t_mod)
+        shift, scale = (self.out_scale_shift_table[None] + t_emb[:, None]).unbind(1)  # 2 x (B, D)
+        x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*C)
+        # unpatchify: (B, h*w, p*p*C) -> (B, C, h*p, w*p)
+        h, w = H // p, W // p
+        x = x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, C, H, W)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self, training=True):
+        """Matmul FLOPs (2 per multiply-add) for one image; training counts the forward
+        pass and a backward pass twice as expensive. Elementwise ops, norms and softmax
+        are left out: they are a few percent of the total."""
+        c = self.config
+        D, L, p, C = c.n_embd, c.n_layer, c.patch_size, c.in_channels
+        N = self.grid_size**2
+        hidden = int(D * c.mlp_ratio)
+        per_block = (
+            2 * N * D * 3 * D  # qkv
+            + 2 * D * 2 * D  # class token k, v
+            + 2 * 2 * N * (N + 1) * D  # q @ k^T and attn @ v over N+1 keys
+            + 2 * N * D * D  # attention output projection
+            + 2 * 2 * N * D * hidden  # MLP
+        )
+        forward = (
+            2 * N * (C * p * p) * D  # patch embedding
+            + 2 * (self.t_freq_dim * D + D * D)  # timestep MLP
+            + 2 * D * 6 * D  # adaLN-single
+            + L * per_block
+            + 2 * N * D * (p * p * C)  # output layer
+        )
+        return 3 * forward if training else forward
+
+
+def unwrap_model(model):
+    """The DiT inside a DistributedDataParallel and/or torch.compile wrapper."""
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+# -----------------------------------------------------------------------------
+# 2. Noise schedules (Chen 2023, arXiv 2301.10972, Algorithm 1 and its reference code).
+# Each maps t in [0, 1] to gamma(t), falling from 1 to (nearly) 0, clipped to
+# [clip_min, 1] so that sqrt(gamma) never reaches 0. The defaults are the paper's.
+
+
+def linear_gamma(t, clip_min=1e-9):
+    return (1 - t).clamp(clip_min, 1.0)
+
+
+def cosine_gamma(t, start=0.0, end=1.0, tau=1.0, clip_min=1e-9):
+    # Stretch cos(pi/2 * u)^(2 tau) over u in [start, end] and renormalise to [1, 0].
+    v_start = math.cos(start * math.pi / 2) ** (2 * tau)
+    v_end = math.cos(end * math.pi / 2) ** (2 * tau)
+    v = torch.cos((t * (end - start) + start) * math.pi / 2) ** (2 * tau)
+    return ((v_end - v) / (v_end - v_start)).clamp(clip_min, 1.0)
+
+
+def sigmoid_gamma(t, start=-3.0, end=3.0, tau=1.0, clip_min=1e-9):
+    # Same idea with a sigmoid over [start, end]; larger tau flattens it.
+    v_start = 1 / (1 + math.exp(-start / tau))
+    v_end = 1 / (1 + math.exp(-end / tau))
+    v = torch.sigmoid((t * (end - start) + start) / tau)
+    return ((v_end - v) / (v_end - v_start)).clamp(clip_min, 1.0)
+
+
+GAMMA_FUNCTIONS = {"linear": linear_gamma, "cosine": cosine_gamma, "sigmoid": sigmoid_gamma}
+
+
+@dataclass
+class NoiseSchedule:
+    name: str
+    params: dict
+    input_scale: float = 1.0  # b: data is scaled by b before noising; b < 1 makes it noisier
+
+    def gamma(self, t):
+        return GAMMA_FUNCTIONS[self.name](t, **self.params)
+
+
+def get_noise_schedule(name, input_scale=1.0, **params):
+    """get_noise_schedule('sigmoid', start=0, end=3, tau=0.5, input_scale=0.5)"""
+    if name not in GAMMA_FUNCTIONS:
+        raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(GAMMA_FUNCTIONS)}")
+    allowed = list(inspect.signature(GAMMA_FUNCTIONS[name]).parameters)[1:]  # all but t
+    unknown = set(params) - set(allowed)
+    if unknown:
+        raise ValueError(f"noise schedule {name!r} takes {', '.join(allowed)}, not {', '.join(sorted(unknown))}")
+    if input_scale <= 0:
+        raise ValueError(f"input_scale must be positive, got {input_scale}")
+    return NoiseSchedule(name, dict(params), float(input_scale))
+
+
+# -----------------------------------------------------------------------------
+# 3. The training loss
+
+
+def sample_t(batch_size, t_sampling, device, generator=None):
+    """Training timesteps: 'uniform' on [0, 1], or 'logit_normal' (SD3, arXiv 2403.03206,
+    section 3.1: sigmoid of a standard normal) which spends more steps mid-way."""
+    if t_sampling == "uniform":
+        return torch.rand(batch_size, device=device, generator=generator)
+    if t_sampling == "logit_normal":
+        return torch.sigmoid(torch.randn(batch_size, device=device, generator=generator))
+    raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {t_sampling!r}")
+
+
+def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None):
+    """Mean squared error between the model's prediction and its target (eps or v) on
+    x0 noised at random times. With probability class_dropout a label is replaced by
+    the "no class" id, so that the same model also learns the unconditional prediction
+    that classifier-free guidance needs."""
+    config = unwrap_model(model).config
+    B, device = x0.shape[0], x0.device
+    t = sample_t(B, t_sampling, device, generator)
+    eps = torch.randn(x0.shape, device=device, generator=generator)
+    gamma = noise_schedule.gamma(t).view(B, 1, 1, 1)
+    alpha, sigma = gamma.sqrt(), (1 - gamma).sqrt()
+    x0 = x0 * noise_schedule.input_scale
+    x_t = alpha * x0 + sigma * eps
+    if class_dropout > 0:
+        drop = torch.rand(B, device=device, generator=generator) < class_dropout
+        y = torch.where(drop, config.num_classes, y)
+    prediction = model(x_t, t, y).float()
+    target = eps if config.prediction == "eps" else alpha * eps - sigma * x0  # v = alpha eps - sigma x0
+    return F.mse_loss(prediction, target)
+
+
+# -----------------------------------------------------------------------------
+# 4. Sampling: classifier-free guidance and DDIM
+
+
+def guided_prediction(model, x, t, y, cfg_scale=1.0):
+    """The model's prediction with classifier-free guidance:
+    uncond + cfg_scale * (cond - uncond). The conditional and unconditional halves run
+    as ONE batch of 2B; cfg_scale == 1 is plain conditional prediction (one pass of B)."""
+    if cfg_scale == 1.0:
+        return model(x, t, y).float()
+    null = torch.full_like(y, unwrap_model(model).config.num_classes)
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def ddim_sample(
+    model,
+    noise_schedule,
+    x_T,
+    y,
+    steps=50,
+    cfg_scale=1.0,
+    eta=0.0,
+    generator=None,
+    return_trajectory=False,
+    clip_x0=None,
+):
+    """DDIM (Song et al. 2020, eq. 12) from t=1 to t=0 in `steps` model evaluations.
+    eta=0 is deterministic, eta=1 adds DDPM-like noise at every step.
+    x_T (B, C, H, W) standard normal noise; y (B,) class ids (num_classes = unconditional).
+    clip_x0 clamps each predicted x0 to [-clip_x0, clip_x0] (e.g. 1.0 for pixels in [-1, 1]).
+    Returns x0 (B, C, H, W), and with return_trajectory also a dict of lists:
+    'x_t' (steps + 1 tensors: x_T ... x_0) and 'x0_pred' (steps tensors), all divided by b.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    prediction = unwrap_model(model).config.prediction
+    b = noise_schedule.input_scale
+    B, device = x_T.shape[0], x_T.device
+    # The time grid and its gammas in float64: exact at both ends, gamma(1) = clip_min > 0.
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    gammas = noise_schedule.gamma(ts).tolist()
+    gammas[-1] = 1.0  # t = 0 is clean data, whatever the schedule's rounding
+    x = x_T.float()
+    trajectory = {"x_t": [x / b], "x0_pred": []}
+    for i in range(steps):
+        g_t, g_s = gammas[i], gammas[i + 1]  # from time t to the less noisy time s
+        alpha_t, sigma_t = math.sqrt(g_t), math.sqrt(1 - g_t)
+        t = torch.full((B,), float(ts[i]), device=device)
+        out = guided_prediction(model, x, t, y, cfg_scale)
+        if prediction == "v":  # no division: alpha^2 + sigma^2 = 1
+            x0_pred = alpha_t * x - sigma_t * out
+            eps_pred = sigma_t * x + alpha_t * out
+        else:
+            # alpha_t >= sqrt(clip_min) > 0, so this is finite even at t=1. But there
+            # alpha_t ~ 3e-5 multiplies any error of the predicted eps by ~3e4: with eps
+            # prediction, pass clip_x0 (v-prediction has no such problem, one reason
+            # it is the default; Salimans & Ho 2022 section 4).
+            eps_pred = out
+            x0_pred = (x - sigma_t * out) / alpha_t
+        if clip_x0 is not None:
+            x0_pred = x0_pred.clamp(-clip_x0 * b, clip_x0 * b)
+            eps_pred = (x - alpha_t * x0_pred) / sigma_t  # sigma_t > 0 at every model step
+        # DDIM step (Song et al. eq. 12 in gamma notation); at s = 0 this is x0_pred itself
+        noise_std = eta * math.sqrt((1 - g_s) / (1 - g_t) * (1 - g_t / g_s))
+        x = math.sqrt(g_s) * x0_pred + math.sqrt(max(1 - g_s - noise_std**2, 0.0)) * eps_pred
+        if noise_std > 0:
+            x = x + noise_std * torch.randn(x.shape, device=device, generator=generator)
+        if return_trajectory:
+            trajectory["x_t"].append(x / b)
+            trajectory["x0_pred"].append(x0_pred / b)
+    x = x / b
+    return (x, trajectory) if return_trajectory else x

@@ -1,0 +1,326 @@
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import randomize_, tiny_config
+from model import (
+    DiT,
+    DiTConfig,
+    ddim_sample,
+    diffusion_loss,
+    get_noise_schedule,
+    guided_prediction,
+    sample_t,
+)
+
+SCHEDULES = [
+    ("linear", {}),
+    ("cosine", {}),
+    ("cosine", dict(start=0.2, end=1.0, tau=2.0)),
+    ("sigmoid", {}),
+    ("sigmoid", dict(start=0.0, end=3.0, tau=0.5)),
+]
+
+
+# --- the network -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, patch_size",
+    [((3, 32, 32), 2), ((16, 4, 4), 1)],  # CIFAR pixels; latents of a 16-channel f8 VAE
+    ids=["pixels", "latents"],
+)
+def test_forward_backward_shapes(shape, patch_size):
+    C, H, W = shape
+    config = tiny_config(input_size=H, in_channels=C, patch_size=patch_size, num_classes=10)
+    model = randomize_(DiT(config))
+    x = torch.randn(5, C, H, W)
+    t = torch.rand(5)
+    y = torch.tensor([0, 3, 9, 10, 10])  # 10 = no class
+    out = model(x, t, y)
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, name
+        assert torch.isfinite(p.grad).all(), name
+    assert model.pos_embed.shape == (1, (H // patch_size) * (W // patch_size), config.n_embd)
+
+
+def test_init_is_identity():
+    model = DiT(tiny_config(num_classes=10))
+    x = torch.randn(4, 3, 8, 8)
+    t, y = torch.rand(4), torch.tensor([0, 1, 2, 10])
+    assert torch.equal(model(x, t, y), torch.zeros_like(x))  # the output layer starts at zero
+    tokens = torch.randn(4, 16, 32)
+    class_token = model.class_embed(y)[:, None]
+    t_mod = torch.randn(4, 6, 32)  # even a non-zero shared modulation: the gates are per block
+    t_mod[:, [2, 5]] = 0
+    for block in model.blocks:
+        assert torch.equal(block(tokens, class_token, t_mod), tokens)  # gates start at zero
+    randomize_(model)
+    assert not torch.allclose(model.blocks[0](tokens, class_token, t_mod), tokens)
+
+
+def test_class_and_time_change_the_output():
+    model = randomize_(DiT(tiny_config(num_classes=3)))
+    x, t = torch.randn(2, 3, 8, 8), torch.full((2,), 0.5)
+    a = model(x, t, torch.tensor([0, 0]))
+    assert not torch.allclose(a, model(x, t, torch.tensor([1, 1])))
+    assert not torch.allclose(a, model(x, torch.full((2,), 0.6), torch.tensor([0, 0])))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="prediction"):
+        DiTConfig(prediction="x0")
+    with pytest.raises(ValueError, match="patch_size"):
+        DiTConfig(input_size=6, patch_size=4)
+
+
+def test_flops_estimate_matches_counter():
+    """The analytic estimate against torch's own count of a forward pass (matmuls,
+    convolutions and attention). The counter cannot see inside the fused CPU attention
+    kernel, so attention runs as the plain math version here."""
+    for overrides in [dict(), dict(input_size=32, n_embd=64, n_head=4, n_layer=3)]:
+        model = DiT(tiny_config(**overrides))
+        c = model.config
+        x = torch.randn(2, c.in_channels, c.input_size, c.input_size)
+        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+            model(x, torch.rand(2), torch.tensor([0, 1]))
+        counted = counter.get_total_flops() / 2
+        estimate = model.flops_per_image(training=False)
+        assert abs(estimate - counted) / counted < 0.01, (estimate, counted)
+        assert model.flops_per_image(training=True) == 3 * estimate
+
+
+# --- noise schedules -------------------------------------------------------------
+# The paper's reference code (Chen 2023, arXiv 2301.10972, Algorithm 1), in numpy,
+# written out separately as the independent reference.
+
+
+def _np_sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def reference_gamma(name, t, start=None, end=None, tau=1.0, clip_min=1e-9):
+    if name == "linear":
+        return np.clip(1 - t, clip_min, 1.0)
+    if name == "cosine":
+        start, end = (0.0 if start is None else start), (1.0 if end is None else end)
+        v_start = math.cos(start * math.pi / 2) ** (2 * tau)
+        v_end = math.cos(end * math.pi / 2) ** (2 * tau)
+        output = np.cos((t * (end - start) + start) * math.pi / 2) ** (2 * tau)
+        return np.clip((v_end - output) / (v_end - v_start), clip_min, 1.0)
+    start, end = (-3.0 if start is None else start), (3.0 if end is None else end)
+    v_start, v_end = _np_sigmoid(start / tau), _np_sigmoid(end / tau)
+    output = _np_sigmoid((t * (end - start) + start) / tau)
+    return np.clip((v_end - output) / (v_end - v_start), clip_min, 1.0)
+
+
+@pytest.mark.parametrize("name, params", SCHEDULES)
+def test_schedule_matches_paper(name, params):
+    schedule = get_noise_schedule(name, **params)
+    t = np.linspace(0, 1, 101)
+    gamma = schedule.gamma(torch.tensor(t)).numpy()
+    np.testing.assert_allclose(gamma, reference_gamma(name, t, **params), rtol=1e-10, atol=1e-12)
+    assert abs(gamma[0] - 1) < 1e-9 and gamma[-1] < 1e-6
+    assert (np.diff(gamma) <= 0).all() and (np.diff(gamma[:-1]) < 0).all()
+    assert gamma.min() > 0  # clip_min keeps sqrt(gamma) away from zero
+
+
+def test_schedule_closed_forms():
+    t = torch.tensor([0.3, 0.5], dtype=torch.float64)
+    assert torch.allclose(get_noise_schedule("linear").gamma(t), torch.tensor([0.7, 0.5], dtype=torch.float64))
+    assert abs(get_noise_schedule("cosine").gamma(t)[1] - 0.5) < 1e-12  # cos(pi/4)^2
+    assert abs(get_noise_schedule("sigmoid").gamma(t)[1] - 0.5) < 1e-12  # symmetric around 0
+    # sigmoid(-1.5) at t=0.25 with the default start=-3, end=3
+    expected = (_np_sigmoid(3) - _np_sigmoid(-1.5)) / (_np_sigmoid(3) - _np_sigmoid(-3))
+    assert abs(get_noise_schedule("sigmoid").gamma(torch.tensor(0.25)).item() - expected) < 1e-6
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="unknown noise schedule"):
+        get_noise_schedule("quadratic")
+    with pytest.raises(ValueError, match="takes clip_min"):
+        get_noise_schedule("linear", tau=2.0)
+    with pytest.raises(ValueError, match="input_scale"):
+        get_noise_schedule("cosine", input_scale=0)
+
+
+def test_t_sampling():
+    g = torch.Generator().manual_seed(0)
+    for how in ["uniform", "logit_normal"]:
+        t = sample_t(20000, how, "cpu", g)
+        assert 0 <= t.min() and t.max() <= 1
+        assert abs(t.mean() - 0.5) < 0.01
+    # logit-normal concentrates in the middle: P(0.25 < t < 0.75) = P(|n| < log 3) ~ 0.73
+    t = sample_t(20000, "logit_normal", "cpu", g)
+    assert abs(((t > 0.25) & (t < 0.75)).float().mean() - 0.7281) < 0.02
+    with pytest.raises(ValueError):
+        sample_t(4, "beta", "cpu")
+
+
+# --- loss ----------------------------------------------------------------------
+
+
+class Oracle(torch.nn.Module):
+    """A "model" that knows the one image of its dataset and returns the exact
+    prediction (eps or v) for any x_t, computed in float64."""
+
+    def __init__(self, x0, schedule, prediction, num_classes=2):
+        super().__init__()
+        self.x0, self.schedule = x0.double(), schedule
+        self.config = SimpleNamespace(prediction=prediction, num_classes=num_classes)
+        self.calls = []
+
+    def forward(self, x_t, t, y):
+        self.calls.append(t.clone())
+        gamma = self.schedule.gamma(t.double()).view(-1, 1, 1, 1)
+        alpha, sigma = gamma.sqrt(), (1 - gamma).sqrt()
+        x0 = self.x0 * self.schedule.input_scale
+        eps = (x_t.double() - alpha * x0) / sigma
+        return (eps if self.config.prediction == "eps" else alpha * eps - sigma * x0).float()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_loss_is_zero_for_the_oracle(prediction):
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+    schedule = get_noise_schedule("cosine", input_scale=0.7)
+    oracle = Oracle(x0, schedule, prediction)
+    g = torch.Generator().manual_seed(0)
+    loss = diffusion_loss(oracle, schedule, x0.expand(64, -1, -1, -1), torch.zeros(64, dtype=torch.long), generator=g)
+    assert loss < 1e-8
+    # a model predicting zeros has loss E[target^2] = 1 for both targets (unit variance)
+    zero = Oracle(x0, schedule, prediction)
+    zero.forward = lambda x_t, t, y: torch.zeros_like(x_t)
+    loss = diffusion_loss(zero, schedule, torch.zeros(512, 3, 8, 8), torch.zeros(512, dtype=torch.long), generator=g)
+    assert abs(loss.item() - 1) < 0.02 if prediction == "eps" else loss.item() < 1.02
+
+
+def test_class_dropout_replaces_labels():
+    seen = []
+    x0 = torch.zeros(1000, 3, 8, 8)
+    schedule = get_noise_schedule("cosine")
+    model = Oracle(x0[:1], schedule, "v", num_classes=5)
+    model.forward = lambda x_t, t, y: (seen.append(y), torch.zeros_like(x_t))[1]
+    y = torch.randint(0, 5, (1000,))
+    diffusion_loss(model, schedule, x0, y, class_dropout=0.3, generator=torch.Generator().manual_seed(0))
+    dropped = seen[0] == 5
+    assert abs(dropped.float().mean() - 0.3) < 0.05
+    assert torch.equal(seen[0][~dropped], y[~dropped])
+    diffusion_loss(model, schedule, x0, y, class_dropout=0.0)
+    assert torch.equal(seen[1], y)
+
+
+# --- DDIM ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("name, params", SCHEDULES)
+@pytest.mark.parametrize("input_scale", [1.0, 0.5])
+def test_ddim_recovers_the_image_with_an_oracle(prediction, eta, name, params, input_scale):
+    torch.manual_seed(0)
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+    schedule = get_noise_schedule(name, input_scale=input_scale, **params)
+    oracle = Oracle(x0, schedule, prediction)
+    x_T = torch.randn(3, 3, 8, 8)
+    y = torch.zeros(3, dtype=torch.long)
+    out, trajectory = ddim_sample(
+        oracle, schedule, x_T, y, steps=10, eta=eta, generator=torch.Generator().manual_seed(1), return_trajectory=True
+    )
+    assert torch.allclose(out, x0.expand_as(out), atol=1e-4), (out - x0).abs().max()
+    # The first evaluation is at t = 1 exactly, where gamma = clip_min ~ 0: the x0 predicted
+    # there must be finite and right (eps-prediction divides by sqrt(gamma) ~ 3e-5, so float32
+    # rounding of x_t limits it to ~1e-2 there; v-prediction needs no division).
+    assert oracle.calls[0][0].item() == 1.0 and len(oracle.calls) == 10
+    first = trajectory["x0_pred"][0]
+    assert torch.isfinite(first).all()
+    assert (first - x0).abs().max() < (2e-2 if prediction == "eps" else 1e-5)
+    assert len(trajectory["x_t"]) == 11 and len(trajectory["x0_pred"]) == 10
+    assert torch.equal(trajectory["x_t"][0], x_T / input_scale) and torch.equal(trajectory["x_t"][-1], out)
+
+
+def test_ddim_is_deterministic_at_eta_0_and_noisy_at_eta_1():
+    model = randomize_(DiT(tiny_config()), scale=0.05).eval()
+    schedule = get_noise_schedule("cosine")
+    x_T, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    a = ddim_sample(model, schedule, x_T, y, steps=4)
+    assert torch.equal(a, ddim_sample(model, schedule, x_T, y, steps=4))
+    b1 = ddim_sample(model, schedule, x_T, y, steps=4, eta=1.0, generator=torch.Generator().manual_seed(0))
+    b2 = ddim_sample(model, schedule, x_T, y, steps=4, eta=1.0, generator=torch.Generator().manual_seed(0))
+    b3 = ddim_sample(model, schedule, x_T, y, steps=4, eta=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(b1, b2) and not torch.allclose(b1, b3) and not torch.allclose(a, b1)
+    assert ddim_sample(model, schedule, x_T, y, steps=1).shape == x_T.shape
+    with pytest.raises(ValueError, match="steps"):
+        ddim_sample(model, schedule, x_T, y, steps=0)
+
+
+def test_ddim_clip_x0():
+    schedule = get_noise_schedule("cosine")
+    x_T, y = torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long)
+    x0 = torch.full((1, 3, 8, 8), 3.0)  # outside [-1, 1]: clipping must pull the sample in
+    out = ddim_sample(Oracle(x0, schedule, "eps"), schedule, x_T, y, steps=5, clip_x0=1.0)
+    assert out.abs().max() <= 1.0 + 1e-5
+    # An eps-model that is off by 1e-3 at t=1, where sqrt(gamma) ~ 3e-5: without clipping
+    # the first x0 prediction is ~30 times the data's range; with it, the sample is fine.
+    x0 = torch.rand(1, 3, 8, 8) * 2 - 1
+    imperfect = Oracle(x0, schedule, "eps")
+    exact_forward = imperfect.forward
+    imperfect.forward = lambda x_t, t, y: exact_forward(x_t, t, y) + 1e-3
+    _, trajectory = ddim_sample(imperfect, schedule, x_T, y, steps=20, return_trajectory=True)
+    assert trajectory["x0_pred"][0].abs().max() > 10
+    out = ddim_sample(imperfect, schedule, x_T, y, steps=20, clip_x0=1.0)
+    assert (out - x0).abs().max() < 0.05
+
+
+# --- guidance ----------------------------------------------------------------------
+
+
+def test_guidance():
+    model = randomize_(DiT(tiny_config(num_classes=4))).eval()
+    x, t, y = torch.randn(3, 3, 8, 8), torch.rand(3), torch.tensor([0, 2, 3])
+    cond = model(x, t, y)
+    uncond = model(x, t, torch.full_like(y, 4))
+    assert torch.equal(guided_prediction(model, x, t, y, cfg_scale=1.0), cond)
+    for cfg_scale in [0.0, 1.5, 4.0]:
+        batched = guided_prediction(model, x, t, y, cfg_scale)
+        assert torch.allclose(batched, uncond + cfg_scale * (cond - uncond), atol=1e-5)
+    assert torch.allclose(guided_prediction(model, x, t, y, 0.0), uncond, atol=1e-5)
+
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    ddim_sample(model, get_noise_schedule("cosine"), torch.randn(3, 3, 8, 8), y, steps=3, cfg_scale=2.0)
+    assert calls == [6, 6, 6]  # one batched cond+uncond pass per step
+
+
+# --- a tiny model really learns ---------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_tiny_dit_learns_two_images(prediction):
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8).round() * 2 - 1  # two fixed, very different binary images
+    model = DiT(tiny_config(n_embd=64, n_head=4, prediction=prediction))
+    schedule = get_noise_schedule("cosine")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(300):
+        y = torch.randint(0, 2, (32,))
+        loss = diffusion_loss(model, schedule, images[y], y, class_dropout=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2
+    model.eval()
+    y = torch.tensor([0, 1] * 4)
+    samples = ddim_sample(model, schedule, torch.randn(8, 3, 8, 8), y, steps=20, cfg_scale=2.0, clip_x0=1.0)
+    distance = ((samples[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4))  # (8 samples, 2 images)
+    own = distance[torch.arange(8), y]
+    other = distance[torch.arange(8), 1 - y]
+    assert (own < other).all(), distance
+    # the two images are ~2 apart; eps-prediction learns the high-noise end more slowly
+    assert own.max() < (0.05 if prediction == "v" else 0.5), own
