@@ -32,3 +32,63 @@ def randomize_(model, scale=0.2, seed=0):
 @pytest.fixture
 def repo():
     return REPO
+
+
+def run_script(script, *args, cwd, env=None, timeout=600):
+    """Run one of the repo's scripts as a user would, from directory cwd."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, script), *map(str, args)],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def assert_clean_failure(proc, *fragments):
+    """A user error: non-zero exit, one line on stderr that names the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def make_image_folder(root, classes=("cat", "dog", "frog"), per_class=4, size=8, splits=("train", "test"), seed=0):
+    """Tiny PNG images in root/<split>/<class>/NNN.png (root/<class>/ when splits is empty).
+    Returns {split: (uint8 images (N, 3, size, size) in file order, labels)}."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split in splits or [""]:
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(per_class):
+                image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(image).save(os.path.join(folder, f"{i:03d}.png"))
+                images.append(torch.from_numpy(image).permute(2, 0, 1))
+                labels.append(label)
+        out[split or "train"] = (torch.stack(images), torch.tensor(labels))
+    return out
+
+
+def make_tiny_vae(path, latent_channels=4, scaling_factor=0.5, shift_factor=0.1):
+    """A diffusers AutoencoderKL with random weights (f2: 8x8 images -> 4x4 latents), saved
+    so that from_pretrained(path) runs the real loading code."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, sample_size=8,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    )
+    vae.save_pretrained(path)
+    return vae.eval()

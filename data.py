@@ -1,0 +1,130 @@
+"""
+The data side, shared by prepare_cifar.py, train.py, sample.py and fid.py:
+- the prepared dataset on disk (data/<name>/{train,test}.pt and meta.json),
+- the pretrained VAE (a diffusers AutoencoderKL) that turns images into latents and back,
+- model space <-> uint8 images.
+
+Model space is what the diffusion model sees: pixels scaled to [-1, 1], or VAE latents
+in the VAE's scaling convention, normalised per channel to zero mean and unit std.
+"""
+
+import json
+import os
+
+import torch
+
+
+class DataError(RuntimeError):
+    """A problem with the user's data or VAE; its message says what to do."""
+
+
+def one_line(error, limit=200):
+    """An exception as one short line, for messages that must fit on one line."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
+
+
+# -----------------------------------------------------------------------------
+# The prepared dataset
+
+
+def load_split(data_dir, split):
+    """data_dir/<split>.pt -> (x, labels): x uint8 (N, 3, H, W) pixels or float16 latents."""
+    path = os.path.join(data_dir, f"{split}.pt")
+    if not os.path.exists(path):
+        raise DataError(f"no {path}; make it with: python prepare_cifar.py (see README, 'Preparing data')")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return blob["x"], blob["labels"]
+    except Exception as e:
+        raise DataError(f"{path} is not a dataset written by prepare_cifar.py ({one_line(e)})") from e
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise DataError(f"no {path}; make it with: python prepare_cifar.py (see README, 'Preparing data')")
+    with open(path) as f:
+        return json.load(f)
+
+
+def to_model_space(x, meta):
+    """A batch as stored (uint8 pixels or raw latents) -> float32 model input."""
+    if meta["kind"] == "pixels":
+        return x.float() / 127.5 - 1.0
+    mean = torch.tensor(meta["latent_mean"], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["latent_std"], device=x.device).view(1, -1, 1, 1)
+    return (x.float() - mean) / std
+
+
+def to_uint8(x):
+    """[-1, 1] float images -> uint8 (B, 3, H, W)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# -----------------------------------------------------------------------------
+# The VAE
+
+
+def load_vae(name_or_path, device="cpu"):
+    """A diffusers AutoencoderKL from the Hugging Face hub or a local folder, frozen, in eval mode."""
+    try:
+        from diffusers import AutoencoderKL  # imported here: 1-3 s, and only latent data needs it
+    except ImportError as e:
+        raise DataError("latent data needs diffusers: pip install diffusers") from e
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    diffusers_logging.set_verbosity_error()  # our own message says what went wrong
+    hub_logging.set_verbosity_error()  # (including the hub's retry lines when offline)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
+    except Exception as e:
+        raise DataError(
+            f"could not load the VAE '{name_or_path}' ({one_line(e)}); "
+            "without network, download it elsewhere and pass its local folder with --vae=path/to/vae"
+        ) from e
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_scaling(vae):
+    """The VAE's own convention, read from its config: z = (latent - shift) * scale.
+    (SD 1.x/2.x VAEs have scale 0.18215 and no shift; SD3/Flux-style 16-channel ones have both.)"""
+    shift = getattr(vae.config, "shift_factor", None)
+    return float(vae.config.scaling_factor), float(shift or 0.0)
+
+
+@torch.no_grad()
+def encode(vae, images):
+    """uint8 (B, 3, H, W) images -> latents z in the VAE's scaling convention, float32.
+    Takes the mean of the encoder's distribution rather than a sample, so the dataset
+    is deterministic."""
+    scale, shift = vae_scaling(vae)
+    x = images.to(vae.device, torch.float32) / 127.5 - 1.0
+    latent = vae.encode(x).latent_dist.mean
+    return ((latent - shift) * scale).float()
+
+
+@torch.no_grad()
+def decode(vae, z, meta):
+    """Normalised latents (model space) -> uint8 images: undo the per-channel
+    normalisation, then the scaling convention, then run the VAE's decoder."""
+    mean = torch.tensor(meta["latent_mean"], device=z.device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["latent_std"], device=z.device).view(1, -1, 1, 1)
+    z = z.float() * std + mean
+    latent = z / meta["scaling_factor"] + meta["shift_factor"]
+    return to_uint8(vae.decode(latent.to(vae.device)).sample)
+
+
+def to_images(x, meta, vae=None):
+    """Model-space samples -> uint8 images, decoding latents with the VAE."""
+    if meta["kind"] == "pixels":
+        return to_uint8(x)
+    if vae is None:
+        raise DataError("latent samples need the VAE to become images")
+    return decode(vae, x, meta)

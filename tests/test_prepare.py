@@ -1,0 +1,121 @@
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_clean_failure, make_image_folder, make_tiny_vae, run_script
+
+
+def prepare(tmp_path, *args):
+    return run_script("prepare_cifar.py", *args, cwd=tmp_path)
+
+
+def load(folder, split):
+    return torch.load(os.path.join(folder, f"{split}.pt"), weights_only=True)
+
+
+def test_pixels_round_trip(tmp_path):
+    expected = make_image_folder(tmp_path / "pets")
+    proc = prepare(tmp_path, "--source=pets", "--vae=none", "--image_size=8")
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "data" / "pets_pixels_8"
+    assert "wrote data/pets_pixels_8" in proc.stdout and "MiB" in proc.stdout
+    for split in ["train", "test"]:
+        blob = load(folder, split)
+        assert blob["x"].dtype == torch.uint8 and blob["labels"].dtype == torch.int64
+        assert torch.equal(blob["x"], expected[split][0])  # exact pixels, in file order
+        assert torch.equal(blob["labels"], expected[split][1])
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["kind"] == "pixels" and meta["classes"] == ["cat", "dog", "frog"]
+    assert meta["num_classes"] == 3 and meta["shape"] == [3, 8, 8] and meta["image_size"] == 8
+    assert meta["counts"] == {"train": 12, "test": 12} and meta["source"] == "pets"
+    assert sorted(os.listdir(tmp_path / "data")) == ["pets_pixels_8"]  # no temporary folders left
+
+
+def test_resize_subset_and_single_split(tmp_path):
+    make_image_folder(tmp_path / "flat", classes=("a", "b"), per_class=5, size=12, splits=())
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "flat" / "a" / "wide.jpg")
+    proc = prepare(tmp_path, "--source=flat", "--vae=none", "--image_size=8", "--subset=5", "--out=small")
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "data" / "small"
+    assert sorted(os.listdir(folder)) == ["meta.json", "train.pt"]  # a flat folder: train only
+    blob = load(folder, "train")
+    assert blob["x"].shape == (5, 3, 8, 8)
+    assert blob["labels"].tolist() == [0, 0, 0, 1, 1]  # round-robin: both classes appear
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["splits"] == ["train"] and meta["counts"] == {"train": 5} and meta["shape"] == [3, 8, 8]
+    # a wide image is resized on its short side and centre-cropped
+    proc = prepare(tmp_path, "--source=flat", "--vae=none", "--image_size=8", "--out=all")
+    x = load(tmp_path / "data" / "all", "train")["x"]
+    assert x.shape == (11, 3, 8, 8)
+    assert (x[5, 0] > 250).all() and (x[5, 1:] < 5).all()  # 'wide.jpg' sorts after 004.png
+
+
+def test_latents_with_a_real_diffusers_vae(tmp_path):
+    images = make_image_folder(tmp_path / "pets")
+    vae = make_tiny_vae(tmp_path / "tiny_vae")
+    proc = prepare(tmp_path, "--source=pets", "--vae=tiny_vae", "--batch_size=5", "--device=cpu")
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "data" / "pets_tiny_vae_32"
+    # image_size defaults to 32: the 8x8 images were upsampled, 32x32 -> 16x16 latents
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["kind"] == "latents" and meta["shape"] == [4, 16, 16] and meta["flipped_copies"]
+    assert meta["scaling_factor"] == 0.5 and abs(meta["shift_factor"] - 0.1) < 1e-7 and meta["vae"] == "tiny_vae"
+    train, test = load(folder, "train"), load(folder, "test")
+    assert train["x"].shape == (24, 4, 16, 16) and test["x"].shape == (12, 4, 16, 16)  # flips doubled train only
+    assert torch.equal(train["labels"], images["train"][1].repeat(2))
+    z = train["x"].float()
+    assert torch.allclose(torch.tensor(meta["latent_mean"]), z.mean(dim=(0, 2, 3)), atol=1e-3)
+    assert torch.allclose(torch.tensor(meta["latent_std"]), z.std(dim=(0, 2, 3)), atol=1e-3)
+
+    # The scaling convention, checked against diffusers directly on 8x8 inputs
+    proc = prepare(tmp_path, "--source=pets", "--vae=tiny_vae", "--image_size=8", "--device=cpu", "--out=z8")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "data" / "z8" / "meta.json").read_text())
+    stored = load(tmp_path / "data" / "z8", "train")["x"].float()
+    x = images["train"][0].float() / 127.5 - 1
+    with torch.no_grad():
+        latent = vae.encode(x).latent_dist.mean
+        flipped = vae.encode(x.flip(-1)).latent_dist.mean
+        expected = (torch.cat([latent, flipped]) - 0.1) * 0.5
+        assert torch.allclose(stored, expected, atol=2e-3, rtol=2e-3)
+        # decode(encode): the stored, normalised latents decode to what diffusers decodes
+        from data import decode, to_model_space, to_uint8
+
+        normalised = to_model_space(stored[:12], meta)
+        assert torch.allclose(normalised.mean(dim=(0, 2, 3)), torch.zeros(4), atol=0.3)
+        ours = decode(vae, normalised, meta)
+        theirs = to_uint8(vae.decode(latent).sample)
+        assert (ours.int() - theirs.int()).abs().max() <= 2
+
+
+def test_errors_leave_nothing_behind(tmp_path):
+    make_image_folder(tmp_path / "pets")
+    assert prepare(tmp_path, "--source=pets", "--vae=none", "--out=keep").returncode == 0
+    before = (tmp_path / "data" / "keep" / "train.pt").read_bytes()
+
+    proc = prepare(tmp_path, "--source=nowhere", "--vae=none", "--out=keep")
+    assert_clean_failure(proc, "nowhere", "is not a folder")
+
+    (tmp_path / "empty" / "nothing_here").mkdir(parents=True)
+    (tmp_path / "flat_files").mkdir()
+    (tmp_path / "flat_files" / "x.png").write_bytes(b"")
+    proc = prepare(tmp_path, "--source=flat_files", "--vae=none", "--out=keep")
+    assert_clean_failure(proc, "has no class sub-folders")
+    proc = prepare(tmp_path, "--source=empty", "--vae=none", "--out=keep")
+    assert_clean_failure(proc, "holds no images")
+
+    (tmp_path / "pets" / "test" / "dog" / "broken.png").write_bytes(b"not a png at all")
+    proc = prepare(tmp_path, "--source=pets", "--vae=none", "--out=keep")
+    assert_clean_failure(proc, "cannot read image", os.path.join("test", "dog", "broken.png"))
+
+    proc = prepare(tmp_path, "--source=pets", "--vae=nobody/no-such-vae", "--out=keep")  # offline
+    assert_clean_failure(proc, "could not load the VAE 'nobody/no-such-vae'", "--vae=path/to/vae", "--vae=none")
+
+    proc = prepare(tmp_path, "--source=pets", "--vea=none")
+    assert_clean_failure(proc, "unknown config key 'vea'", "vae")
+
+    assert sorted(os.listdir(tmp_path / "data")) == ["keep"]
+    assert (tmp_path / "data" / "keep" / "train.pt").read_bytes() == before
