@@ -128,3 +128,19 @@ def to_images(x, meta, vae=None):
     if vae is None:
         raise DataError("latent samples need the VAE to become images")
     return decode(vae, x, meta)
+
+
+def image_grid(images, nrow):
+    """uint8 (N, 3, H, W) -> one uint8 (H', W', 3) numpy image, nrow images per row."""
+    from torchvision.utils import make_grid
+
+    return make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+
+
+def save_png(image_hwc, path):
+    """Write a uint8 (H, W, 3) array as PNG, through a temporary file renamed into place."""
+    from PIL import Image
+
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(image_hwc).save(tmp)
+    os.replace(tmp, path)

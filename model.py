@@ -420,3 +420,31 @@ def ddim_sample(
             trajectory["x0_pred"].append(x0_pred / b)
     x = x / b
     return (x, trajectory) if return_trajectory else x
+
+
+@torch.no_grad()
+def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, **ddim_kwargs):
+    """Samples for many labels (model space, on the CPU), in batches of batch_size.
+    The initial noise comes from a CPU generator seeded with seed, so the same seed and
+    batch_size give the same samples on any device. ddim_kwargs go to ddim_sample."""
+    device = next(unwrap_model(model).parameters()).device
+    noise_generator = torch.Generator().manual_seed(seed)
+    step_generator = torch.Generator(device).manual_seed(seed)  # for eta > 0
+    samples = []
+    for i in range(0, len(labels), batch_size):
+        y = labels[i : i + batch_size].to(device)
+        x_T = torch.randn((len(y), *shape), generator=noise_generator).to(device)
+        samples.append(ddim_sample(model, noise_schedule, x_T, y, generator=step_generator, **ddim_kwargs).cpu())
+    return torch.cat(samples)
+
+
+# Dense bf16 matmul peak of known GPUs (datasheet numbers, FLOP/s), for MFU.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12, "A10": 125e12}
+
+
+def gpu_peak_flops(device_name):
+    """Peak bf16 FLOP/s of a GPU by (part of) its name, e.g. 'NVIDIA H100 80GB HBM3'; None if unknown."""
+    for name, flops in GPU_PEAK_FLOPS.items():
+        if name in device_name:
+            return flops
+    return None

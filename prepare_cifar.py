@@ -228,7 +228,7 @@ tensors = {}
 if vae_model is None:
     for split, (images, labels) in splits.items():
         tensors[split] = dict(x=images, labels=labels)
-    meta.update(channels=3, shape=[3, image_size, image_size], flipped_copies=False)
+    meta.update(channels=3, shape=[3, image_size, image_size], flipped_copies=False, clip_x0=1.0)
 else:
     for split, (images, labels) in splits.items():
         latents, latent_labels = encode_split(vae_model, images, labels, split, flip and split == "train")
@@ -246,6 +246,9 @@ else:
         latent_std=train_latents.std(dim=(0, 2, 3)).tolist(),
         flipped_copies=bool(flip),
     )
+    # the largest |value| of the normalised train latents: samplers clip predicted x0 to it
+    mean, std = torch.tensor(meta["latent_mean"]).view(1, -1, 1, 1), torch.tensor(meta["latent_std"]).view(1, -1, 1, 1)
+    meta["clip_x0"] = ((train_latents - mean) / std).abs().max().item()
     for split in tensors:  # float16 on disk: its rounding is far below the VAE's own error
         tensors[split]["x"] = tensors[split]["x"].half()
 meta["counts"] = {split: len(t["labels"]) for split, t in tensors.items()}

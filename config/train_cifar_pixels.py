@@ -1,0 +1,18 @@
+# CIFAR-10 in pixel space: DiT-B size, patch 2 -> 256 tokens of 32x32x3 pixels.
+#   python prepare_cifar.py --vae=none
+#   python train.py config/train_cifar_pixels.py            (or: torchrun --standalone --nproc_per_node=8 train.py ...)
+out_dir = "out-cifar-pixels"
+dataset = "cifar10_pixels"
+n_layer, n_head, n_embd = 12, 12, 768  # DiT-B (model.DIT_PRESETS)
+patch_size = 2
+batch_size = 256
+learning_rate = 2e-4
+min_lr = 2e-5
+warmup_iters = 1000
+max_iters = 100000
+eval_interval = 2000
+ema_decay = 0.9999
+noise_schedule = "cosine"
+prediction = "v"
+compile = True
+mlflow_experiment = "cifar10-pixels"

@@ -1,0 +1,22 @@
+# A tiny model for a first run: a few hundred iterations, under a minute on a laptop CPU.
+#   python prepare_cifar.py --vae=none && python train.py config/train_debug.py
+out_dir = "out-debug"
+dataset = "cifar10_pixels"
+device = "cpu"
+dtype = "float32"
+n_layer = 2
+n_head = 2
+n_embd = 64
+patch_size = 4  # 32x32 pixels -> 64 tokens
+batch_size = 32
+max_iters = 300
+warmup_iters = 20
+learning_rate = 1e-3
+min_lr = 1e-4
+ema_decay = 0.99
+log_interval = 25
+eval_interval = 100
+eval_iters = 4
+samples_per_class = 4
+sample_steps = 20
+mlflow_experiment = "nano-diffusion-debug"
