@@ -116,6 +116,8 @@ if batch_size % (world_size * gradient_accumulation_steps):
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)  # per process, per micro-step
 if init_from not in ("scratch", "resume"):
     fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+if lr_decay not in ("cosine", "constant"):
+    fail(f"lr_decay must be 'cosine' or 'constant', got {lr_decay!r}")
 if dtype not in ("bfloat16", "float32"):
     fail(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
 data_path = os.path.join(data_dir, dataset)
@@ -255,6 +257,7 @@ def update_ema(step):
 def validation_loss(net):
     """Mean loss over eval_iters test batches; a fixed generator makes every eval see the
     same images, times and noise, so the numbers are comparable from eval to eval."""
+    was_training = net.training
     net.eval()
     generator = torch.Generator(device).manual_seed(seed)
     losses = torch.zeros(eval_iters, device=device)
@@ -262,7 +265,7 @@ def validation_loss(net):
         x, y = get_batch(x_val, y_val, micro_batch, generator)
         with autocast:
             losses[k] = diffusion_loss(net, schedule, x, y, t_sampling, class_dropout, generator)
-    net.train()
+    net.train(was_training)
     return losses.mean().item()
 
 

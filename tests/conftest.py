@@ -63,6 +63,8 @@ def make_image_folder(root, classes=("cat", "dog", "frog"), per_class=4, size=8,
     from PIL import Image
 
     rng = np.random.default_rng(seed)
+    # each class: a fixed random pattern of dark and bright squares, each image: plus a little noise
+    patterns = [rng.choice([40, 215], size=(size, size, 3)) for _ in classes]
     out = {}
     for split in splits or [""]:
         images, labels = [], []
@@ -70,7 +72,7 @@ def make_image_folder(root, classes=("cat", "dog", "frog"), per_class=4, size=8,
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)
             for i in range(per_class):
-                image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                image = (patterns[label] + rng.integers(-6, 7, (size, size, 3))).astype(np.uint8)
                 Image.fromarray(image).save(os.path.join(folder, f"{i:03d}.png"))
                 images.append(torch.from_numpy(image).permute(2, 0, 1))
                 labels.append(label)
@@ -92,3 +94,16 @@ def make_tiny_vae(path, latent_channels=4, scaling_factor=0.5, shift_factor=0.1)
     )
     vae.save_pretrained(path)
     return vae.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """data/tiny made by prepare_cifar.py from generated 8x8 PNGs: 3 classes, 8 train and
+    8 test images each. Returns the data folder (holding tiny/)."""
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    make_image_folder(root / "images", per_class=8)
+    proc = run_script(
+        "prepare_cifar.py", "--source=images", "--vae=none", "--image_size=8", "--out=tiny", "--data_dir=data", cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr
+    return root / "data"

@@ -1,0 +1,201 @@
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import REPO, assert_clean_failure, run_script
+
+# A tiny run on the tiny dataset: 8x8 pixels, patch 2 -> 16 tokens
+TINY = [
+    os.path.join(REPO, "config", "train_debug.py"),
+    "--data_dir=data", "--dataset=tiny", "--patch_size=2", "--batch_size=16", "--learning_rate=3e-3", "--flip=False",
+    "--log_interval=10", "--eval_interval=20", "--eval_iters=2", "--samples_per_class=2", "--sample_steps=4",
+]
+
+
+def train(cwd, *args, env=None):
+    return run_script("train.py", *TINY, *args, cwd=cwd, env=env)
+
+
+def losses(stdout):
+    return [float(m) for m in re.findall(r"^iter \d+: loss ([0-9.]+)", stdout, re.M)]
+
+
+def mlflow_client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def the_only_run(client, experiment):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def test_train_end_to_end_with_mlflow(tiny_dataset, tmp_path):
+    os.symlink(tiny_dataset, tmp_path / "data")
+    proc = train(tmp_path, "--max_iters=200", "--log_interval=20", "--eval_interval=100", "--mlflow_experiment=e2e")
+    assert proc.returncode == 0, proc.stderr
+    log = losses(proc.stdout)
+    assert len(log) == 10 and log[-1] < 0.6 * log[0], log  # the loss falls
+    assert re.search(r"iter 200: val loss [0-9.]+, EMA val loss [0-9.]+", proc.stdout)
+    out = tmp_path / "out-debug"
+    assert sorted(os.listdir(out)) == ["best.pt", "ckpt.pt", "samples_000100.png", "samples_000200.png"]
+    from PIL import Image
+
+    grid = Image.open(out / "samples_000200.png")
+    assert grid.size == (2 * 10 + 2, 3 * 10 + 2)  # 2 columns x 3 classes of 8x8, 2-pixel padding
+
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["iter_num"] == 200 and ckpt["meta"]["classes"] == ["cat", "dog", "frog"]
+    assert ckpt["config"]["max_iters"] == 200 and ckpt["model_config"]["n_layer"] == 2
+    assert set(ckpt) >= {"model", "ema", "optimizer", "rng", "best_val_loss", "mlflow_run_id"}
+
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")  # MLflow's default store, in the cwd
+    run = the_only_run(client, "e2e")
+    assert run.info.run_id == ckpt["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.params["n_layer"] == "2" and run.data.params["dataset"] == "tiny"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(20, 201, 20))
+    assert abs(history[-1].value - log[-1]) < 1e-4
+    assert {"val/loss", "val/ema_loss", "lr", "images_per_sec"} <= set(run.data.metrics)
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert len(images) >= 2 and any("samples" in p for p in images), images
+
+
+def test_resume_is_exact(tiny_dataset, tmp_path):
+    os.symlink(tiny_dataset, tmp_path / "data")
+    common = ["--lr_decay_iters=40", "--warmup_iters=5", "--mlflow_experiment=resume", "--dropout=0.1"]
+    straight = train(tmp_path, *common, "--max_iters=40", "--out_dir=straight", "--mlflow_log=False")
+    assert straight.returncode == 0, straight.stderr
+    first = train(tmp_path, *common, "--max_iters=20", "--out_dir=halves")
+    assert first.returncode == 0, first.stderr
+    run_id = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=False)["mlflow_run_id"]
+    second = train(tmp_path, *common, "--max_iters=40", "--out_dir=halves", "--init_from=resume")
+    assert second.returncode == 0, second.stderr
+    assert "iter 30: loss" in second.stdout and "iter 10: loss" not in second.stdout
+
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
+    b = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=False)
+    assert a["iter_num"] == b["iter_num"] == 40
+    for key in ["model", "ema"]:
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)  # bit-identical
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    assert losses(straight.stdout)[2:] == losses(second.stdout)  # the same log after the resume
+
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+    run = the_only_run(client, "resume")  # the resumed run continues, no second run
+    assert run.info.run_id == run_id == b["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [10, 20, 30, 40]
+
+
+def test_ddp_with_torchrun(tiny_dataset, tmp_path):
+    os.symlink(tiny_dataset, tmp_path / "data")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(REPO, "train.py"), *TINY, "--max_iters=40", "--mlflow_experiment=ddp"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch 16 = 2 processes x 1 steps x 8" in proc.stdout
+    assert "weights identical on all 2 processes: True" in proc.stdout
+    assert proc.stdout.count("iter 40: loss") == 1  # only rank 0 logs
+    ckpt = torch.load(tmp_path / "out-debug" / "ckpt.pt", weights_only=False)
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])
+    the_only_run(mlflow_client(f"sqlite:///{tmp_path}/mlflow.db"), "ddp")  # only rank 0 logs to MLflow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_over_http_and_a_dead_server(tiny_dataset, tmp_path):
+    os.symlink(tiny_dataset, tmp_path / "data")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "artifacts"),
+         "--workers", "1"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        proc = train(tmp_path, "--max_iters=20", f"--mlflow_tracking_uri={uri}", "--mlflow_experiment=http")
+        assert proc.returncode == 0, proc.stderr
+        client = mlflow_client(uri)
+        run = the_only_run(client, "http")
+        assert run.data.params["max_iters"] == "20" and "val/ema_loss" in run.data.metrics
+        assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+        assert not (tmp_path / "mlflow.db").exists()  # nothing went to the local default store
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    # A tracking server that is not there: one warning, and training goes on
+    started = time.time()
+    proc = train(tmp_path, "--max_iters=20", f"--mlflow_tracking_uri=http://127.0.0.1:{free_port()}", "--out_dir=dead")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("MLflow logging is off") == 1
+    assert (tmp_path / "dead" / "ckpt.pt").exists() and "iter 20: val loss" in proc.stdout
+    assert time.time() - started < 60
+
+
+def test_compile_on_cpu(tiny_dataset, tmp_path):
+    os.symlink(tiny_dataset, tmp_path / "data")
+    proc = train(tmp_path, "--compile=True", "--max_iters=4", "--log_interval=2", "--eval_interval=4", "--mlflow_log=False")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled" in proc.stdout and "iter 4: val loss" in proc.stdout
+    assert (tmp_path / "out-debug" / "ckpt.pt").exists()
+
+
+def test_bad_input(tiny_dataset, tmp_path):
+    os.symlink(tiny_dataset, tmp_path / "data")
+    no_mlflow = "--mlflow_log=False"
+    proc = train(tmp_path, "--dataset=nothing", no_mlflow)
+    assert_clean_failure(proc, os.path.join("data", "nothing", "meta.json"), "prepare_cifar.py")
+    proc = train(tmp_path, "--patch_size=3", no_mlflow)
+    assert_clean_failure(proc, "not divisible by patch_size 3", "3x8x8")
+    proc = train(tmp_path, "--batch_size=10", "--gradient_accumulation_steps=3", no_mlflow)
+    assert_clean_failure(proc, "batch_size 10 is not divisible by 1 processes x 3 accumulation steps")
+    proc = train(tmp_path, "--init_from=resume", no_mlflow)
+    assert_clean_failure(proc, "no out-debug/ckpt.pt", "train from scratch first")
+    proc = train(tmp_path, "--init_form=resume", no_mlflow)
+    assert_clean_failure(proc, "unknown config key 'init_form'", "init_from")
+    assert not (tmp_path / "out-debug").exists()  # nothing written by any of these
+
+    assert train(tmp_path, "--max_iters=20", no_mlflow).returncode == 0
+    ckpt = (tmp_path / "out-debug" / "ckpt.pt").read_bytes()
+    proc = train(tmp_path, "--max_iters=40", no_mlflow)
+    assert_clean_failure(proc, "out-debug/ckpt.pt already exists", "--init_from=resume")
+    proc = train(tmp_path, "--max_iters=40", "--init_from=resume", "--n_layer=3", "--n_embd=32", no_mlflow)
+    assert_clean_failure(proc, "holds a different model", "n_layer=2 there, 3 here", "n_embd=64 there, 32 here")
+    proc = train(tmp_path, "--out_dir=nan", "--learning_rate=1e30", "--grad_clip=0.0", "--max_iters=40", no_mlflow)
+    assert_clean_failure(proc, "loss is nan at iter", "last good checkpoint", "--learning_rate")
+    assert not (tmp_path / "nan" / "ckpt.pt").exists()
+    assert (tmp_path / "out-debug" / "ckpt.pt").read_bytes() == ckpt  # nothing overwritten
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
+    proc = train(tmp_path, "--out_dir=junk", "--init_from=resume", no_mlflow)
+    assert_clean_failure(proc, "junk/ckpt.pt is not a nano-diffusion checkpoint")
+    assert (tmp_path / "junk" / "ckpt.pt").read_bytes() == b"not a checkpoint"
