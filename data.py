@@ -10,6 +10,7 @@ in the VAE's scaling convention, normalised per channel to zero mean and unit st
 
 import json
 import os
+import shutil
 
 import torch
 
@@ -144,3 +145,21 @@ def save_png(image_hwc, path):
     tmp = f"{path}.tmp.png"
     Image.fromarray(image_hwc).save(tmp)
     os.replace(tmp, path)
+
+
+def write_atomically(final_dir, write):
+    """write(tmp_dir) fills a temporary folder that then replaces final_dir in one rename,
+    so a failed or interrupted run leaves the previous output as it was."""
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}-{os.getpid()}")
+    old_dir = os.path.join(parent, f".old-{os.path.basename(final_dir)}-{os.getpid()}")
+    try:
+        os.makedirs(tmp_dir)
+        write(tmp_dir)
+        if os.path.exists(final_dir):
+            os.rename(final_dir, old_dir)
+        os.rename(tmp_dir, final_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(old_dir, ignore_errors=True)

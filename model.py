@@ -422,18 +422,24 @@ def ddim_sample(
     return (x, trajectory) if return_trajectory else x
 
 
+def initial_noise(shape, indices, seed):
+    """x_T for the images with these indices: image i's noise comes from its own CPU
+    generator seeded from (seed, i), so it is the same whatever the batch size or device."""
+    generator = torch.Generator()
+    return torch.stack([torch.randn(shape, generator=generator.manual_seed(seed * 1_000_003 + i)) for i in indices])
+
+
 @torch.no_grad()
 def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, **ddim_kwargs):
-    """Samples for many labels (model space, on the CPU), in batches of batch_size.
-    The initial noise comes from a CPU generator seeded with seed, so the same seed and
-    batch_size give the same samples on any device. ddim_kwargs go to ddim_sample."""
+    """Samples for many labels (model space, on the CPU), in batches of batch_size, from
+    initial_noise(seed). ddim_kwargs go to ddim_sample (steps, cfg_scale, eta, clip_x0);
+    with eta > 0 the added noise comes from one generator seeded with seed."""
     device = next(unwrap_model(model).parameters()).device
-    noise_generator = torch.Generator().manual_seed(seed)
-    step_generator = torch.Generator(device).manual_seed(seed)  # for eta > 0
+    step_generator = torch.Generator(device).manual_seed(seed)
     samples = []
     for i in range(0, len(labels), batch_size):
         y = labels[i : i + batch_size].to(device)
-        x_T = torch.randn((len(y), *shape), generator=noise_generator).to(device)
+        x_T = initial_noise(shape, range(i, i + len(y)), seed).to(device)
         samples.append(ddim_sample(model, noise_schedule, x_T, y, generator=step_generator, **ddim_kwargs).cpu())
     return torch.cat(samples)
 

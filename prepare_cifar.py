@@ -13,14 +13,13 @@ class sub-folders gives a train split only.
 
 import json
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 import torch
 
-from data import DataError, encode, load_vae, one_line, vae_scaling
+from data import DataError, encode, load_vae, one_line, vae_scaling, write_atomically
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -171,24 +170,6 @@ def default_name(source_name):
     if subset:
         parts.append(f"subset{subset}")
     return "_".join(parts)
-
-
-def write_atomically(final_dir, write):
-    """write(tmp_dir) fills a temporary folder that then replaces final_dir in one rename,
-    so an interrupted run leaves any previous dataset as it was."""
-    parent = os.path.dirname(os.path.abspath(final_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}-{os.getpid()}")
-    old_dir = os.path.join(parent, f".old-{os.path.basename(final_dir)}-{os.getpid()}")
-    try:
-        os.makedirs(tmp_dir)
-        write(tmp_dir)
-        if os.path.exists(final_dir):
-            os.rename(final_dir, old_dir)
-        os.rename(tmp_dir, final_dir)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        shutil.rmtree(old_dir, ignore_errors=True)
 
 
 def folder_size(folder):

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, image_grid, load_meta, load_split, load_vae, save_png, to_images, to_model_space
+from data import DataError, image_grid, load_meta, load_split, load_vae, one_line, save_png, to_images, to_model_space
 from model import DiT, DiTConfig, diffusion_loss, generate, get_noise_schedule, gpu_peak_flops
 
 # -----------------------------------------------------------------------------
@@ -32,7 +32,7 @@ from model import DiT, DiTConfig, diffusion_loss, generate, get_noise_schedule, 
 # I/O
 out_dir = "out"  # checkpoints, sample grids
 data_dir = "data"  # where prepare_cifar.py wrote the datasets
-dataset = "cifar10_pixels"  # data_dir/<dataset>/{train,test}.pt and meta.json
+dataset = "cifar10_vae-kl-f8-d16_32"  # data_dir/<dataset>/{train,test}.pt and meta.json (prepare_cifar.py's default)
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 log_interval = 50  # iterations between log lines
 eval_interval = 1000  # iterations between validation, sample grid and checkpoint
@@ -46,7 +46,7 @@ sample_cfg_scale = 1.5  # classifier-free guidance scale (1 = no guidance)
 n_layer = 12
 n_head = 12
 n_embd = 768
-patch_size = 2
+patch_size = 1  # 4x4 latents -> 16 tokens
 mlp_ratio = 4.0
 dropout = 0.0
 prediction = "v"  # 'v' or 'eps'
@@ -127,6 +127,8 @@ try:
     x_val, y_val = load_split(data_path, "test") if "test" in meta["splits"] else (x_train, y_train)
 except DataError as e:
     fail(str(e))
+if "test" not in meta["splits"] and master:
+    print(f"note: {dataset} has no test split; validation loss is measured on train images")
 schedule_params = dict(start=schedule_start, end=schedule_end, tau=schedule_tau, clip_min=schedule_clip_min)
 try:
     model_config = DiTConfig(
@@ -155,7 +157,7 @@ if init_from == "resume":
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         saved_model_config = checkpoint["model_config"]
     except Exception as e:
-        fail(f"{ckpt_path} is not a nano-diffusion checkpoint ({type(e).__name__}: {e})")
+        fail(f"{ckpt_path} is not a nano-diffusion checkpoint ({one_line(e)})")
     different = {k: (v, saved_model_config.get(k)) for k, v in asdict(model_config).items() if saved_model_config.get(k) != v}
     if different:
         described = ", ".join(f"{k}={old!r} there, {new!r} here" for k, (new, old) in different.items())
@@ -195,7 +197,7 @@ if checkpoint is not None:
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use EMA
 if checkpoint is not None:
     ema_model.load_state_dict(checkpoint["ema"])
-# AdamW, with weight decay on the weight matrices only (not on biases or the modulation tables)
+# AdamW, with weight decay on tensors of 2 or more dimensions (weights, embeddings, tables), not on biases
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(
     [
@@ -351,6 +353,7 @@ def save_checkpoint(path, rng_states):
         evals_without_improvement=evals_without_improvement,
         config=config,
         model_config=asdict(model_config),
+        noise_schedule=asdict(schedule),
         meta=meta,
         rng=rng_states,
         mlflow_run_id=logger.run_id or mlflow_run_id,

@@ -107,3 +107,21 @@ def tiny_dataset(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr
     return root / "data"
+
+
+TINY_TRAIN = [
+    "--patch_size=2", "--batch_size=16", "--learning_rate=3e-3", "--flip=False", "--log_interval=10",
+    "--eval_iters=2", "--samples_per_class=2", "--sample_steps=4", "--mlflow_log=False",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_dataset):
+    """out/ckpt.pt of a short train_debug.py run on the tiny dataset."""
+    root = tiny_dataset.parent
+    proc = run_script(
+        "train.py", os.path.join(REPO, "config", "train_debug.py"), "--data_dir=data", "--dataset=tiny",
+        "--out_dir=out", "--max_iters=100", "--eval_interval=100", *TINY_TRAIN, cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return root / "out" / "ckpt.pt"

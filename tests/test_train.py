@@ -9,14 +9,10 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import REPO, assert_clean_failure, run_script
+from conftest import REPO, TINY_TRAIN, assert_clean_failure, run_script
 
 # A tiny run on the tiny dataset: 8x8 pixels, patch 2 -> 16 tokens
-TINY = [
-    os.path.join(REPO, "config", "train_debug.py"),
-    "--data_dir=data", "--dataset=tiny", "--patch_size=2", "--batch_size=16", "--learning_rate=3e-3", "--flip=False",
-    "--log_interval=10", "--eval_interval=20", "--eval_iters=2", "--samples_per_class=2", "--sample_steps=4",
-]
+TINY = [os.path.join(REPO, "config", "train_debug.py"), "--data_dir=data", "--dataset=tiny", *TINY_TRAIN, "--eval_interval=20"]
 
 
 def train(cwd, *args, env=None):
@@ -41,7 +37,7 @@ def the_only_run(client, experiment):
 
 def test_train_end_to_end_with_mlflow(tiny_dataset, tmp_path):
     os.symlink(tiny_dataset, tmp_path / "data")
-    proc = train(tmp_path, "--max_iters=200", "--log_interval=20", "--eval_interval=100", "--mlflow_experiment=e2e")
+    proc = train(tmp_path, "--max_iters=200", "--log_interval=20", "--eval_interval=100", "--mlflow_log=True", "--mlflow_experiment=e2e")
     assert proc.returncode == 0, proc.stderr
     log = losses(proc.stdout)
     assert len(log) == 10 and log[-1] < 0.6 * log[0], log  # the loss falls
@@ -72,7 +68,7 @@ def test_train_end_to_end_with_mlflow(tiny_dataset, tmp_path):
 
 def test_resume_is_exact(tiny_dataset, tmp_path):
     os.symlink(tiny_dataset, tmp_path / "data")
-    common = ["--lr_decay_iters=40", "--warmup_iters=5", "--mlflow_experiment=resume", "--dropout=0.1"]
+    common = ["--lr_decay_iters=40", "--warmup_iters=5", "--mlflow_log=True", "--mlflow_experiment=resume", "--dropout=0.1"]
     straight = train(tmp_path, *common, "--max_iters=40", "--out_dir=straight", "--mlflow_log=False")
     assert straight.returncode == 0, straight.stderr
     first = train(tmp_path, *common, "--max_iters=20", "--out_dir=halves")
@@ -102,7 +98,7 @@ def test_ddp_with_torchrun(tiny_dataset, tmp_path):
     os.symlink(tiny_dataset, tmp_path / "data")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(REPO, "train.py"), *TINY, "--max_iters=40", "--mlflow_experiment=ddp"],
+         os.path.join(REPO, "train.py"), *TINY, "--max_iters=40", "--mlflow_log=True", "--mlflow_experiment=ddp"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
     )
@@ -140,7 +136,7 @@ def test_mlflow_server_over_http_and_a_dead_server(tiny_dataset, tmp_path):
             except OSError:
                 assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
                 time.sleep(0.5)
-        proc = train(tmp_path, "--max_iters=20", f"--mlflow_tracking_uri={uri}", "--mlflow_experiment=http")
+        proc = train(tmp_path, "--max_iters=20", f"--mlflow_tracking_uri={uri}", "--mlflow_log=True", "--mlflow_experiment=http")
         assert proc.returncode == 0, proc.stderr
         client = mlflow_client(uri)
         run = the_only_run(client, "http")
@@ -153,7 +149,7 @@ def test_mlflow_server_over_http_and_a_dead_server(tiny_dataset, tmp_path):
 
     # A tracking server that is not there: one warning, and training goes on
     started = time.time()
-    proc = train(tmp_path, "--max_iters=20", f"--mlflow_tracking_uri=http://127.0.0.1:{free_port()}", "--out_dir=dead")
+    proc = train(tmp_path, "--max_iters=20", f"--mlflow_tracking_uri=http://127.0.0.1:{free_port()}", "--mlflow_log=True", "--out_dir=dead")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("MLflow logging is off") == 1
     assert (tmp_path / "dead" / "ckpt.pt").exists() and "iter 20: val loss" in proc.stdout
@@ -170,32 +166,31 @@ def test_compile_on_cpu(tiny_dataset, tmp_path):
 
 def test_bad_input(tiny_dataset, tmp_path):
     os.symlink(tiny_dataset, tmp_path / "data")
-    no_mlflow = "--mlflow_log=False"
-    proc = train(tmp_path, "--dataset=nothing", no_mlflow)
+    proc = train(tmp_path, "--dataset=nothing")
     assert_clean_failure(proc, os.path.join("data", "nothing", "meta.json"), "prepare_cifar.py")
-    proc = train(tmp_path, "--patch_size=3", no_mlflow)
+    proc = train(tmp_path, "--patch_size=3")
     assert_clean_failure(proc, "not divisible by patch_size 3", "3x8x8")
-    proc = train(tmp_path, "--batch_size=10", "--gradient_accumulation_steps=3", no_mlflow)
+    proc = train(tmp_path, "--batch_size=10", "--gradient_accumulation_steps=3")
     assert_clean_failure(proc, "batch_size 10 is not divisible by 1 processes x 3 accumulation steps")
-    proc = train(tmp_path, "--init_from=resume", no_mlflow)
+    proc = train(tmp_path, "--init_from=resume")
     assert_clean_failure(proc, "no out-debug/ckpt.pt", "train from scratch first")
-    proc = train(tmp_path, "--init_form=resume", no_mlflow)
+    proc = train(tmp_path, "--init_form=resume")
     assert_clean_failure(proc, "unknown config key 'init_form'", "init_from")
     assert not (tmp_path / "out-debug").exists()  # nothing written by any of these
 
-    assert train(tmp_path, "--max_iters=20", no_mlflow).returncode == 0
+    assert train(tmp_path, "--max_iters=20").returncode == 0
     ckpt = (tmp_path / "out-debug" / "ckpt.pt").read_bytes()
-    proc = train(tmp_path, "--max_iters=40", no_mlflow)
+    proc = train(tmp_path, "--max_iters=40")
     assert_clean_failure(proc, "out-debug/ckpt.pt already exists", "--init_from=resume")
-    proc = train(tmp_path, "--max_iters=40", "--init_from=resume", "--n_layer=3", "--n_embd=32", no_mlflow)
+    proc = train(tmp_path, "--max_iters=40", "--init_from=resume", "--n_layer=3", "--n_embd=32")
     assert_clean_failure(proc, "holds a different model", "n_layer=2 there, 3 here", "n_embd=64 there, 32 here")
-    proc = train(tmp_path, "--out_dir=nan", "--learning_rate=1e30", "--grad_clip=0.0", "--max_iters=40", no_mlflow)
+    proc = train(tmp_path, "--out_dir=nan", "--learning_rate=1e30", "--grad_clip=0.0", "--max_iters=40")
     assert_clean_failure(proc, "loss is nan at iter", "last good checkpoint", "--learning_rate")
     assert not (tmp_path / "nan" / "ckpt.pt").exists()
     assert (tmp_path / "out-debug" / "ckpt.pt").read_bytes() == ckpt  # nothing overwritten
 
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "ckpt.pt").write_bytes(b"not a checkpoint")
-    proc = train(tmp_path, "--out_dir=junk", "--init_from=resume", no_mlflow)
+    proc = train(tmp_path, "--out_dir=junk", "--init_from=resume")
     assert_clean_failure(proc, "junk/ckpt.pt is not a nano-diffusion checkpoint")
     assert (tmp_path / "junk" / "ckpt.pt").read_bytes() == b"not a checkpoint"

@@ -1,0 +1,180 @@
+"""
+Generate images from a checkpoint made by train.py.
+
+    python sample.py --ckpt=out/ckpt.pt --classes=3,5
+    python sample.py --ckpt=out/ckpt.pt --classes=cat,dog --num_per_class=16 --steps=50 --cfg_scale=1.5 --seed=0
+    python sample.py --ckpt=out/ckpt.pt --classes=all --trajectory=True
+    python sample.py config/sample_grid.py          # a config file can hold the class list
+
+Writes out_dir/<class>_<index>.png for every image, grid.png (one row per requested
+class, its name on the left) and, with --trajectory=True, trajectory.png.
+fid.py imports load_checkpoint and sample_images from here, so both share one code path.
+"""
+
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from data import DataError, image_grid, load_vae, one_line, save_png, to_images, write_atomically
+from model import DiT, DiTConfig, NoiseSchedule, ddim_sample, generate, initial_noise
+
+# -----------------------------------------------------------------------------
+# default config values
+ckpt = "out/ckpt.pt"  # a checkpoint written by train.py (ckpt.pt or best.pt)
+classes = "all"  # class ids or names, comma-separated ('3,5', 'cat,dog', '3,3,3'), or 'all'
+num_per_class = 8  # images per requested class: the columns of grid.png
+steps = 50  # DDIM steps (model evaluations per image)
+cfg_scale = 1.5  # classifier-free guidance: 1 = none, larger = more class-typical, less varied
+eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+seed = 0  # the same seed gives the same images
+batch_size = 256  # images per sampling batch (cond + uncond make it 2x inside the model)
+use_ema = True  # sample with the EMA weights (False: the raw weights)
+out_dir = "samples"  # replaced as a whole when the new images are ready
+trajectory = False  # also write trajectory.png: each class's image along the denoising path
+trajectory_frames = 10  # columns of trajectory.png, evenly spaced from noise to the sample
+trajectory_show = "x_t"  # 'x_t' (the noisy image at each step) or 'x0' (the model's guess of the final image)
+vae = ""  # latent checkpoints: the VAE to decode with ('' = the one named in the checkpoint)
+device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on the GPU
+compile = False  # torch.compile the model (pays off for thousands of images)
+# -----------------------------------------------------------------------------
+
+
+def load_checkpoint(path, use_ema=True, device="cpu"):
+    """(model in eval mode, noise schedule, data meta, checkpoint dict) from a train.py
+    checkpoint; DataError with a clear message if it is missing or not one of ours."""
+    if not os.path.exists(path):
+        raise DataError(f"no checkpoint {path}; train one with train.py, or pass --ckpt=path/to/ckpt.pt")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        model = DiT(DiTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["ema" if use_ema else "model"])
+        schedule = NoiseSchedule(**checkpoint["noise_schedule"])
+        meta = checkpoint["meta"]
+    except Exception as e:
+        raise DataError(f"{path} is not a nano-diffusion checkpoint written by train.py ({one_line(e)})") from e
+    return model.to(device).eval(), schedule, meta, checkpoint
+
+
+def parse_classes(text, names):
+    """'3,5' / 'cat,dog' / 'all' -> list of class ids (repeats kept)."""
+    if text.strip() == "all":
+        return list(range(len(names)))
+    ids = []
+    for token in (t.strip() for t in text.split(",")):
+        if token.lstrip("-").isdigit() and 0 <= int(token) < len(names):
+            ids.append(int(token))
+        elif token in names:
+            ids.append(names.index(token))
+        else:
+            valid = ", ".join(f"{i}={name}" for i, name in enumerate(names))
+            raise DataError(f"unknown class '{token}'; valid classes: {valid}, or 'all'")
+    if not ids:
+        raise DataError("no classes given; pass --classes=3,5 or --classes=cat,dog or --classes=all")
+    return ids
+
+
+def load_decoder(meta, vae_name, device):
+    """The VAE for latent checkpoints (None for pixels)."""
+    if meta["kind"] != "latents":
+        return None
+    name = vae_name or meta["vae"]
+    try:
+        return load_vae(name, device)
+    except DataError as e:
+        raise DataError(f"{e}; this checkpoint's latents need their VAE: pass --vae=path/to/vae") from e
+
+
+@torch.no_grad()
+def sample_images(model, schedule, meta, labels, vae=None, steps=50, cfg_scale=1.5, eta=0.0, seed=0, batch_size=256, autocast=nullcontext()):
+    """uint8 images (N, 3, H, W) on the CPU for a tensor of class ids, decoded through the
+    VAE for latent models. Image i depends only on (seed, i, labels[i]), not on batch_size."""
+    device = next(model.parameters()).device
+    with autocast:
+        samples = generate(
+            model, schedule, labels, meta["shape"], seed=seed, batch_size=batch_size,
+            steps=steps, cfg_scale=cfg_scale, eta=eta, clip_x0=meta.get("clip_x0"),
+        )
+    images = [to_images(samples[i : i + batch_size].to(device), meta, vae).cpu() for i in range(0, len(samples), batch_size)]
+    return torch.cat(images)
+
+
+def labelled_rows(images, row_names, ncol):
+    """A grid with ncol images per row and each row's name written on its left -> HWC uint8."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = image_grid(images, nrow=ncol)
+    font = ImageFont.load_default()
+    margin = 6 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font)) for n in row_names)
+    canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = images.shape[2] + 2  # make_grid's padding is 2
+    for row, name in enumerate(row_names):
+        draw.text((3, 2 + row * row_height + images.shape[2] // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
+    return np.asarray(canvas)
+
+
+if __name__ == "__main__":
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+
+    def fail(message):
+        sys.exit(f"error: {message}")
+
+    if steps < 1:
+        fail(f"steps must be at least 1, got {steps}")
+    if num_per_class < 1:
+        fail(f"num_per_class must be at least 1, got {num_per_class}")
+    if trajectory_show not in ("x_t", "x0"):
+        fail(f"trajectory_show must be 'x_t' or 'x0', got {trajectory_show!r}")
+    try:
+        model, schedule, meta, _ = load_checkpoint(ckpt, use_ema, device)
+        class_ids = parse_classes(classes, meta["classes"])
+        decoder = load_decoder(meta, vae, device)
+    except DataError as e:
+        fail(str(e))
+    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    net = torch.compile(model) if compile else model
+    names = [meta["classes"][c] for c in class_ids]
+
+    t0 = time.time()
+    labels = torch.tensor(class_ids).repeat_interleave(num_per_class)  # row by row
+    images = sample_images(net, schedule, meta, labels, decoder, steps, cfg_scale, eta, seed, batch_size, autocast)
+    seconds = time.time() - t0
+
+    if trajectory:
+        # The first image of each row again, keeping every step: same noise, same final image
+        first = torch.arange(len(class_ids)) * num_per_class
+        x_T = initial_noise(meta["shape"], first.tolist(), seed).to(device)
+        with autocast:
+            _, path = ddim_sample(
+                net, schedule, x_T, labels[first].to(device), steps=steps, cfg_scale=cfg_scale, eta=eta,
+                generator=torch.Generator(device).manual_seed(seed), return_trajectory=True, clip_x0=meta.get("clip_x0"),
+            )
+        frames = path["x_t"] if trajectory_show == "x_t" else path["x0_pred"]
+        picks = torch.linspace(0, len(frames) - 1, min(trajectory_frames, len(frames))).round().long().tolist()
+        # (frames, rows, C, H, W) -> (rows, frames, ...) so each row is one class's path
+        chosen = torch.stack([to_images(frames[k], meta, decoder).cpu() for k in picks]).transpose(0, 1)
+        trajectory_grid = labelled_rows(chosen.flatten(0, 1), names, len(picks))
+
+    def write(folder):
+        counts = {}
+        for image, name in zip(images, [n for n in names for _ in range(num_per_class)]):
+            index = counts[name] = counts.get(name, -1) + 1
+            save_png(image.permute(1, 2, 0).numpy(), os.path.join(folder, f"{name}_{index:04d}.png"))
+        save_png(labelled_rows(images, names, num_per_class), os.path.join(folder, "grid.png"))
+        if trajectory:
+            save_png(trajectory_grid, os.path.join(folder, "trajectory.png"))
+
+    write_atomically(out_dir, write)
+    print(
+        f"{len(images)} images of {', '.join(dict.fromkeys(names))} in {seconds:.1f} s "
+        f"({len(images) / seconds:.1f} images/s, {steps} steps, cfg_scale {cfg_scale}, "
+        f"{'EMA' if use_ema else 'raw'} weights) -> {out_dir}/grid.png"
+        + (f", {out_dir}/trajectory.png ({trajectory_show})" if trajectory else "")
+    )
