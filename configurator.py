@@ -15,7 +15,9 @@ which overrides them from the command line, left to right:
 
 An unknown key, a value of the wrong type or a missing config file ends the program
 with one line on stderr and exit status 1. `--help` lists every key with its default.
-Afterwards `config_keys` names the keys, for scripts that log or save their config.
+Afterwards `config_keys` names the keys (every module-level value of a config type
+defined before this runs, except _private and UPPER_CASE names), for scripts that log
+or save their config.
 This file is exec'd inside the script, so its own names start with an underscore.
 """
 
@@ -25,8 +27,10 @@ import difflib as _difflib
 import sys as _sys
 
 _CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
+# every module-level value set so far, except _private names and CONSTANTS
 config_keys = [
-    _k for _k, _v in globals().items() if not _k.startswith("_") and isinstance(_v, _CONFIG_TYPES)
+    _k for _k, _v in globals().items()
+    if not _k.startswith("_") and not _k.isupper() and isinstance(_v, _CONFIG_TYPES)
 ]
 
 

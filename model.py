@@ -430,16 +430,17 @@ def initial_noise(shape, indices, seed):
 
 
 @torch.no_grad()
-def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, **ddim_kwargs):
+def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, first_index=0, **ddim_kwargs):
     """Samples for many labels (model space, on the CPU), in batches of batch_size, from
-    initial_noise(seed). ddim_kwargs go to ddim_sample (steps, cfg_scale, eta, clip_x0);
-    with eta > 0 the added noise comes from one generator seeded with seed."""
+    initial_noise(seed) of images first_index, first_index + 1, ... ddim_kwargs go to
+    ddim_sample (steps, cfg_scale, eta, clip_x0); with eta > 0 the added noise comes
+    from one generator seeded with (seed, first_index)."""
     device = next(unwrap_model(model).parameters()).device
-    step_generator = torch.Generator(device).manual_seed(seed)
+    step_generator = torch.Generator(device).manual_seed(seed * 1_000_003 + first_index)
     samples = []
     for i in range(0, len(labels), batch_size):
         y = labels[i : i + batch_size].to(device)
-        x_T = initial_noise(shape, range(i, i + len(y)), seed).to(device)
+        x_T = initial_noise(shape, range(first_index + i, first_index + i + len(y)), seed).to(device)
         samples.append(ddim_sample(model, noise_schedule, x_T, y, generator=step_generator, **ddim_kwargs).cpu())
     return torch.cat(samples)
 

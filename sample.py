@@ -89,13 +89,17 @@ def load_decoder(meta, vae_name, device):
 
 
 @torch.no_grad()
-def sample_images(model, schedule, meta, labels, vae=None, steps=50, cfg_scale=1.5, eta=0.0, seed=0, batch_size=256, autocast=nullcontext()):
+def sample_images(
+    model, schedule, meta, labels, vae=None, steps=50, cfg_scale=1.5, eta=0.0, seed=0, batch_size=256,
+    autocast=nullcontext(), first_index=0,
+):
     """uint8 images (N, 3, H, W) on the CPU for a tensor of class ids, decoded through the
-    VAE for latent models. Image i depends only on (seed, i, labels[i]), not on batch_size."""
+    VAE for latent models. Image i (counted from first_index) depends only on seed, i and
+    its label, not on batch_size, so a large set can be made in pieces."""
     device = next(model.parameters()).device
     with autocast:
         samples = generate(
-            model, schedule, labels, meta["shape"], seed=seed, batch_size=batch_size,
+            model, schedule, labels, meta["shape"], seed=seed, batch_size=batch_size, first_index=first_index,
             steps=steps, cfg_scale=cfg_scale, eta=eta, clip_x0=meta.get("clip_x0"),
         )
     images = [to_images(samples[i : i + batch_size].to(device), meta, vae).cpu() for i in range(0, len(samples), batch_size)]

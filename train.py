@@ -42,6 +42,11 @@ patience = 0  # stop after this many evals without EMA val loss improvement (0: 
 samples_per_class = 8  # images per row of the grid
 sample_steps = 50  # DDIM steps
 sample_cfg_scale = 1.5  # classifier-free guidance scale (1 = no guidance)
+# FID during training (fid.py; EMA model, sample_steps and sample_cfg_scale)
+fid_interval = 0  # iterations between FID evaluations (0: off; a multiple of eval_interval)
+fid_num_samples = 5000  # samples per FID (small-N FID is biased high: compare like with like)
+fid_ref = ""  # real images: '' = the dataset's own train split for pixels, CIFAR-10 for latents
+inception_weights = ""  # local FID Inception weights ('' = download to the torch hub cache)
 # model (the data's shape and class count come from meta.json)
 n_layer = 12
 n_head = 12
@@ -320,19 +325,23 @@ logger = MLflowLogger()
 if master and mlflow_log:
     logger.start(mlflow_run_id)
 
-vae = None  # decodes latent sample grids; loaded at the first eval
+vae = None  # decodes latent samples; loaded at the first eval, False if it cannot be
 
 
-def sample_grid():
-    """Sample grid from the EMA model, one row per class, fixed noise -> HWC uint8, or None."""
+def decoder_available():
     global vae
     if meta["kind"] == "latents" and vae is None:
         try:
             vae = load_vae(meta["vae"], device)
         except DataError as e:
-            warnings.warn(f"no sample grids: {e}", stacklevel=2)
+            warnings.warn(f"no sample grids or FID: {e}", stacklevel=2)
             vae = False
-    if vae is False:
+    return vae is not False
+
+
+def sample_grid():
+    """Sample grid from the EMA model, one row per class, fixed noise -> HWC uint8, or None."""
+    if not decoder_available():
         return None
     labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
     with autocast:
@@ -341,6 +350,34 @@ def sample_grid():
             steps=sample_steps, cfg_scale=sample_cfg_scale, clip_x0=meta.get("clip_x0"),
         )
     return image_grid(to_images(samples.to(device), meta, vae or None).cpu(), nrow=samples_per_class)
+
+
+fid_scorer = None  # (Inception, reference mu, sigma) from the first FID eval; False if unavailable
+
+
+def fid_score():
+    """(metric name, FID of fid_num_samples EMA samples), or None when Inception or its
+    reference statistics cannot be had."""
+    global fid_scorer
+    import fid  # imported here: only runs with fid_interval need it
+
+    if fid_scorer is None:
+        try:
+            extractor = fid.load_inception(inception_weights, device)
+            ref = fid_ref or (data_path if meta["kind"] == "pixels" else "cifar10")
+            fid_scorer = (extractor, *fid.reference_statistics(ref, extractor, data_dir=data_dir))
+        except DataError as e:
+            warnings.warn(f"no FID during training: {e}", stacklevel=2)
+            fid_scorer = False
+    if fid_scorer is False or not decoder_available():
+        return None
+    extractor, ref_mu, ref_sigma = fid_scorer
+    features = fid.sample_features(
+        ema_model, schedule, meta, extractor, fid_num_samples, vae or None, sample_steps, sample_cfg_scale,
+        seed=seed, batch_size=max(micro_batch, 64), autocast=autocast,
+    )
+    score = fid.frechet_distance(*fid.statistics(features), ref_mu, ref_sigma)
+    return fid.fid_metric_name(fid_num_samples), score
 
 
 def save_checkpoint(path, rng_states):
@@ -461,6 +498,12 @@ try:
                 if improved:
                     save_checkpoint(os.path.join(out_dir, "best.pt"), rng_states)
                 print(f"saved {ckpt_path}" + (" and best.pt" if improved else ""), flush=True)
+            if master and fid_interval and iter_num % fid_interval == 0:
+                result = fid_score()
+                if result is not None:
+                    name, score = result
+                    print(f"iter {iter_num}: {name} {score:.3f}", flush=True)
+                    logger.call("log_metrics", {name: score}, step=iter_num)
             if patience:
                 stop = torch.tensor(int(master and evals_without_improvement >= patience), device=device)
                 if ddp:

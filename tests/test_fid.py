@@ -1,0 +1,171 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_clean_failure, make_image_folder, run_script
+from fid import (
+    FeatureExtractor,
+    build_fid_inception,
+    frechet_distance,
+    load_inception,
+    load_stats,
+    save_stats,
+    statistics,
+)
+
+
+def random_fid_weights(seed=0):
+    """Random weights for the FID network that keep activations of order 1: torchvision's
+    own random init gives features near 1e-8, which would make any tolerance meaningless."""
+    g = torch.Generator().manual_seed(seed)
+    state_dict = build_fid_inception().state_dict()
+    for name, t in state_dict.items():
+        if name.endswith("conv.weight"):  # He init
+            t.copy_(torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5)
+        elif name.endswith("bn.weight"):
+            t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
+        elif name.endswith("bn.bias"):
+            t.copy_(0.1 * torch.randn(t.shape, generator=g))
+        elif name.endswith("running_mean"):
+            t.zero_()
+        elif name.endswith("running_var"):
+            t.fill_(1.0)
+        elif name.startswith("fc."):
+            t.copy_(0.01 * torch.randn(t.shape, generator=g))
+    return state_dict
+
+
+@pytest.fixture(scope="module")
+def weights_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "random_fid_inception.pth"
+    torch.save(random_fid_weights(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def extractor(weights_file):
+    return load_inception(str(weights_file))
+
+
+def random_images(n, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def test_features_match_pytorch_fid(extractor, monkeypatch):
+    import pytorch_fid.inception as reference
+
+    state_dict = random_fid_weights()
+    # pytorch-fid downloads its weights inside the constructor: hand it the same random ones
+    monkeypatch.setattr(reference, "load_state_dict_from_url", lambda *args, **kwargs: state_dict)
+    theirs = reference.InceptionV3([reference.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    images = random_images(6, size=40)
+    with torch.no_grad():
+        expected = theirs(images.float() / 255)[0].flatten(1).double()
+    ours = extractor(images)
+    assert ours.shape == (6, 2048)
+    assert expected.abs().mean() > 0.05  # features of order 1, so the tolerance means something
+    assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4), (ours - expected).abs().max()
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(0)
+    for dim, n in [(16, 100), (64, 40)]:  # the second is rank-deficient, as with few images
+        a, b = rng.normal(size=(n, dim)), rng.normal(0.3, 1.5, size=(n, dim))
+        (mu1, s1), (mu2, s2) = statistics(a), statistics(b)
+        assert abs(frechet_distance(mu1, s1, mu2, s2) - calculate_frechet_distance(mu1, s1, mu2, s2)) < 1e-6
+    # closed form for diagonal covariances: |mu1-mu2|^2 + sum (sqrt(v1) - sqrt(v2))^2
+    v1, v2 = rng.uniform(0.5, 2, 8), rng.uniform(0.5, 2, 8)
+    mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert abs(frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) - expected) < 1e-9
+
+
+def test_fid_behaves(extractor):
+    """Itself ~0; a shifted or blurred copy further away. (On the first 256 feature
+    dimensions, to keep sqrtm fast; the full 2048 run in the command-line tests.)"""
+    images = random_images(16, seed=1).float()
+    images = F.avg_pool2d(images, 3, 1, 1)  # some spatial structure, so blurring changes it
+    real = images.round().to(torch.uint8)
+    shifted = (images + 40).clamp(0, 255).round().to(torch.uint8)
+    blurred = F.avg_pool2d(images, 5, 1, 2).round().to(torch.uint8)
+    feats = {name: extractor(x).numpy()[:, :256] for name, x in [("real", real), ("shifted", shifted), ("blurred", blurred)]}
+    stats = {name: statistics(f) for name, f in feats.items()}
+    self_fid = frechet_distance(*stats["real"], *stats["real"])
+    assert abs(self_fid) < 1e-3
+    assert frechet_distance(*stats["shifted"], *stats["real"]) > 100 * max(self_fid, 1e-3)
+    assert frechet_distance(*stats["blurred"], *stats["real"]) > 100 * max(self_fid, 1e-3)
+
+
+def test_stats_round_trip_and_bad_file(tmp_path):
+    mu, sigma = np.arange(2048.0), np.eye(2048) * 2
+    save_stats(tmp_path / "s.npz", mu, sigma, 10, "somewhere")
+    stats = load_stats(tmp_path / "s.npz")
+    assert np.array_equal(stats["mu"], mu) and np.array_equal(stats["sigma"], sigma)
+    assert stats["count"] == 10 and stats["source"] == "somewhere"
+
+
+def fid(cwd, *args, env=None):
+    return run_script("fid.py", *args, cwd=cwd, env=env)
+
+
+def test_fid_command_line(weights_file, tiny_checkpoint, tmp_path):
+    make_image_folder(tmp_path / "real", per_class=6, size=16, splits=())
+    make_image_folder(tmp_path / "fake", per_class=6, size=16, splits=(), seed=1)
+    w = f"--inception_weights={weights_file}"
+    proc = fid(tmp_path, "--images=fake", "--ref=real", w, "--stats_out=fake.npz")
+    assert proc.returncode == 0, proc.stderr
+    assert "reference statistics: 18 images of real, cached in fid_stats/real.npz" in proc.stdout
+    score = float(proc.stdout.split("FID ")[1].split()[0])
+    assert score > 0
+    # the cached reference and the saved statistics give the same number again
+    cached = load_stats(tmp_path / "fid_stats" / "real.npz")
+    saved = load_stats(tmp_path / "fake.npz")
+    assert cached["count"] == 18 and saved["count"] == 18
+    assert abs(frechet_distance(saved["mu"], saved["sigma"], cached["mu"], cached["sigma"]) - score) < 1e-2
+
+    # from a checkpoint, into its MLflow run, against a stats file as the reference
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("fid")).info.run_id
+    ckpt = torch.load(tiny_checkpoint, weights_only=False)
+    ckpt["mlflow_run_id"], ckpt["config"]["mlflow_tracking_uri"] = run_id, uri
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    proc = fid(tmp_path, "--ckpt=ckpt.pt", "--ref=fid_stats/real.npz", "--num_samples=7", "--steps=3", "--batch_size=4", w)
+    assert proc.returncode == 0, proc.stderr
+    assert "generated and scored 7/7 samples" in proc.stdout and "images/s" in proc.stdout
+    assert f"logged fid_7 = " in proc.stdout
+    history = client.get_metric_history(run_id, "fid_7")
+    assert len(history) == 1 and history[0].step == ckpt["iter_num"]
+    assert abs(history[0].value - float(proc.stdout.split("FID ")[1].split()[0])) < 1e-3
+
+
+def test_fid_bad_input(weights_file, tmp_path):
+    w = f"--inception_weights={weights_file}"
+    make_image_folder(tmp_path / "real", per_class=2, size=16, splits=())
+    (tmp_path / "empty").mkdir()
+    proc = fid(tmp_path, "--images=empty", "--ref=real", w)
+    assert_clean_failure(proc, "empty holds no images")
+    make_image_folder(tmp_path / "mixed", classes=("a",), per_class=2, size=16, splits=())
+    make_image_folder(tmp_path / "mixed", classes=("b",), per_class=1, size=8, splits=())
+    proc = fid(tmp_path, "--images=mixed", "--ref=real", w)
+    assert_clean_failure(proc, "differ in size", "16x16", "8x8")
+    make_image_folder(tmp_path / "one", classes=("a",), per_class=1, size=16, splits=())
+    proc = fid(tmp_path, "--images=one", "--ref=real", w)
+    assert_clean_failure(proc, "at least 2 images", "has 1")
+    np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.eye(64))
+    proc = fid(tmp_path, "--images=real", "--ref=wrong.npz", w)
+    assert_clean_failure(proc, "wrong.npz has mu (64,)", "expected (2048,)")
+    # no weights and no network
+    proc = fid(tmp_path, "--images=real", "--ref=real", f"--stats_dir={tmp_path / 'nothing'}", env={"TORCH_HOME": str(tmp_path / "hub")})
+    assert_clean_failure(proc, "could not load the FID Inception weights", "--inception_weights=path/to/it")
+    proc = fid(tmp_path, "--images=real", "--ref=real", "--inception_weights=missing.pth")
+    assert_clean_failure(proc, "could not load the FID Inception weights from missing.pth")
+    assert not (tmp_path / "nothing").exists()
