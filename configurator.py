@@ -14,7 +14,8 @@ which overrides them from the command line, left to right:
   as the raw text when the default is a string (--device=cuda, --classes=cat,dog).
 
 An unknown key, a value of the wrong type or a missing config file ends the program
-with one line on stderr and exit status 1. `--help` lists every key with its default.
+with one line on stderr and exit status 1. (A script that reads another script's config
+files sets _config_files_may_set_other_keys = True: unknown keys in files are then skipped.) `--help` lists every key with its default.
 Afterwards `config_keys` names the keys (every module-level value of a config type
 defined before this runs, except _private and UPPER_CASE names), for scripts that log
 or save their config.
@@ -107,4 +108,6 @@ for _arg in _sys.argv[1:]:
             _config_error(f"config file '{_arg}' failed: {type(_e).__name__}: {_e}")
         for _key, _value in _namespace.items():
             if not _key.startswith("_") and isinstance(_value, _CONFIG_TYPES):
+                if _key not in config_keys and globals().get("_config_files_may_set_other_keys"):
+                    continue  # e.g. bench.py reading a train config: keys only train.py uses
                 globals()[_key] = _checked_value(_key, _value, _arg)

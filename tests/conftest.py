@@ -38,7 +38,9 @@ def run_script(script, *args, cwd, env=None, timeout=600):
     """Run one of the repo's scripts as a user would, from directory cwd."""
     import subprocess
 
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    full_env = dict(
+        os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", MLFLOW_DISABLE_TELEMETRY="true"
+    )
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, os.path.join(REPO, script), *map(str, args)],

@@ -96,12 +96,23 @@ def test_resume_is_exact(tiny_dataset, tmp_path):
 
 def test_ddp_with_torchrun(tiny_dataset, tmp_path):
     os.symlink(tiny_dataset, tmp_path / "data")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(REPO, "train.py"), *TINY, "--max_iters=40", "--mlflow_log=True", "--mlflow_experiment=ddp"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
-    )
+
+    def torchrun(out_dir):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             os.path.join(REPO, "train.py"), *TINY, "--max_iters=40", "--mlflow_log=True", "--mlflow_experiment=ddp",
+             f"--out_dir={out_dir}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true"),
+        )
+
+    proc = torchrun("out-debug")
+    if proc.returncode != 0 and "Signal 6 (SIGABRT)" in proc.stderr and "error:" not in proc.stderr:
+        # Seen twice, only on a machine overloaded by other test runs: a rank aborts inside
+        # torch's gloo backend ("terminate called without an active exception"). Once more,
+        # into a fresh folder; any other failure fails the test at once.
+        proc = torchrun("out-debug-again")
+        os.rename(tmp_path / "out-debug-again", tmp_path / "out-debug")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "batch 16 = 2 processes x 1 steps x 8" in proc.stdout
     assert "weights identical on all 2 processes: True" in proc.stdout

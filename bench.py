@@ -1,0 +1,156 @@
+"""
+Measure speed on synthetic data, as nanoGPT's bench.py does: one training step (loss,
+backward, clipping, fused AdamW, EMA) and DDIM sampling with guidance, without data
+files, evaluation or logging. Prints a table: ms per step, images/s, achieved TFLOP/s,
+MFU and peak memory.
+
+    python bench.py                                            # the pixel CIFAR config
+    python bench.py config/train_cifar.py --batch_size=256 --compile=True
+    python bench.py --compile=False --bench_sampling=False     # any train config key can be overridden
+
+A train config file may set keys bench.py does not use (out_dir, ema_decay, ...): they are ignored.
+"""
+
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from model import DiT, DiTConfig, ddim_sample, diffusion_loss, get_noise_schedule, gpu_peak_flops
+
+# -----------------------------------------------------------------------------
+# default config values (with no config file on the command line, config/train_cifar_pixels.py is read first)
+batch_size = 256  # training images per step
+n_layer = 12
+n_head = 12
+n_embd = 768
+patch_size = 2
+mlp_ratio = 4.0
+dropout = 0.0
+prediction = "v"
+noise_schedule = "cosine"
+learning_rate = 1e-4
+dataset = "cifar10_pixels"  # only its shape and class count are used: from data_dir/<dataset>/meta.json if
+data_dir = "data"  # it exists, else the known CIFAR-10 shapes below
+input_shape = ()  # (C, H, W): overrides the dataset's shape, e.g. --input_shape=3,64,64
+num_classes = 10
+warmup_steps = 10  # untimed steps first (torch.compile compiles here)
+bench_steps = 30  # timed training steps
+bench_sampling = True  # also time DDIM sampling
+sample_batch_size = 256  # images per sampling batch (x2 inside the model with guidance)
+sample_steps = 50
+sample_cfg_scale = 1.5
+device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+compile = True
+peak_flops = 0.0  # the device's peak FLOP/s for MFU (0: look the GPU up in model.GPU_PEAK_FLOPS)
+seed = 1337
+# -----------------------------------------------------------------------------
+_config_files_may_set_other_keys = True  # train configs carry keys that only train.py uses
+if not any(arg.endswith(".py") for arg in sys.argv[1:]):
+    sys.argv.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "train_cifar_pixels.py"))
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+# -----------------------------------------------------------------------------
+KNOWN_SHAPES = {"cifar10_pixels": (3, 32, 32), "cifar10_vae-kl-f8-d16_32": (16, 4, 4)}
+
+meta_path = os.path.join(data_dir, dataset, "meta.json")
+if input_shape:
+    shape = tuple(input_shape)
+elif os.path.exists(meta_path):
+    with open(meta_path) as f:
+        meta = json.load(f)
+    shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
+elif dataset in KNOWN_SHAPES:
+    shape = KNOWN_SHAPES[dataset]
+else:
+    sys.exit(f"error: no {meta_path} to read the input shape from; pass --input_shape=C,H,W")
+if len(shape) != 3 or shape[1] != shape[2]:
+    sys.exit(f"error: input_shape must be C,H,W with H == W, got {shape}")
+
+torch.manual_seed(seed)
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+try:
+    config = DiTConfig(
+        input_size=shape[1], in_channels=shape[0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
+        n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=num_classes, dropout=dropout, prediction=prediction,
+    )
+except ValueError as e:
+    sys.exit(f"error: {e}")
+model = DiT(config).to(device)
+ema_model = DiT(config).to(device).requires_grad_(False).eval()
+net = torch.compile(model) if compile else model
+schedule = get_noise_schedule(noise_schedule)
+optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device_type == "cuda")
+peak = peak_flops or (gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
+
+# Synthetic data of the right shape, on the device, drawn by random indices as train.py does
+x_all = torch.randn(4096, *shape, device=device)
+y_all = torch.randint(0, num_classes, (4096,), device=device)
+
+
+def train_step():
+    idx = torch.randint(len(x_all), (batch_size,), device=device)
+    with autocast:
+        loss = diffusion_loss(net, schedule, x_all[idx], y_all[idx])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1e-4)
+
+
+def timed(fn, repeats):
+    synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize()
+    return (time.perf_counter() - t0) / repeats
+
+
+if device_type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+print(f"warming up {warmup_steps} training steps{' (compiling)' if compile else ''}...", flush=True)
+timed(train_step, warmup_steps)
+step_time = timed(train_step, bench_steps)
+train_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
+rows = [("train step", batch_size, step_time, batch_size * model.flops_per_image(training=True), train_memory)]
+
+if bench_sampling:
+    net.eval()
+    x_T = torch.randn(sample_batch_size, *shape, device=device)
+    y = torch.randint(0, num_classes, (sample_batch_size,), device=device)
+
+    def sample():
+        with autocast:
+            ddim_sample(net, schedule, x_T, y, steps=sample_steps, cfg_scale=sample_cfg_scale)
+
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed(sample, 1)  # warm-up (and compilation of the eval graph)
+    sample_time = timed(sample, 1 if device_type != "cuda" else 3)
+    passes = 2 if sample_cfg_scale != 1.0 else 1  # cond + uncond in one batch
+    flops = sample_batch_size * sample_steps * passes * model.flops_per_image(training=False)
+    sample_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
+    rows.append((f"DDIM {sample_steps} steps, cfg {sample_cfg_scale}", sample_batch_size, sample_time, flops, sample_memory))
+
+device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device
+print(
+    f"\n{device_name}, {model.num_params() / 1e6:.1f}M parameters, {model.grid_size**2} tokens per image "
+    f"({'x'.join(map(str, shape))}, patch {patch_size}), {dtype}, compile {'on' if compile else 'off'}"
+    + (f", peak {peak / 1e12:.0f} TFLOP/s" if peak else "")
+)
+print("| what | batch | ms | images/s | TFLOP/s | MFU | peak memory |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+for what, batch, seconds, flops, memory in rows:
+    mfu = f"{flops / seconds / peak * 100:.1f}%" if peak else "-"
+    mem = f"{memory:.1f} GiB" if memory is not None else "-"
+    print(f"| {what} | {batch} | {seconds * 1000:.1f} | {batch / seconds:.1f} | {flops / seconds / 1e12:.3g} | {mfu} | {mem} |")
