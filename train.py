@@ -11,7 +11,7 @@ Continue a run where it stopped:
 """
 
 import copy
-import json
+import importlib.util
 import math
 import os
 import sys
@@ -253,11 +253,13 @@ def get_lr(it):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
+ema_params, model_params = list(ema_model.parameters()), list(raw_model.parameters())
+
+
 @torch.no_grad()
 def update_ema(step):
     decay = min(ema_decay, (1 + step) / (10 + step))  # warmup: early EMA follows the weights
-    ema_params = list(ema_model.parameters())
-    torch._foreach_lerp_(ema_params, list(raw_model.parameters()), 1 - decay)
+    torch._foreach_lerp_(ema_params, model_params, 1 - decay)  # ema += (1 - decay) * (w - ema), all at once
 
 
 @torch.no_grad()
@@ -293,8 +295,6 @@ class MLflowLogger:
             mlflow.set_tracking_uri(uri)
             if run_id is None:
                 mlflow.set_experiment(mlflow_experiment)
-            import importlib.util
-
             system_metrics = importlib.util.find_spec("psutil") is not None
             run = mlflow.start_run(run_id=run_id, run_name=mlflow_run_name or None, log_system_metrics=system_metrics)
             self.mlflow, self.run_id = mlflow, run.info.run_id

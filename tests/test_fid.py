@@ -1,5 +1,3 @@
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -7,7 +5,6 @@ import torch.nn.functional as F
 
 from conftest import assert_clean_failure, make_image_folder, run_script
 from fid import (
-    FeatureExtractor,
     build_fid_inception,
     frechet_distance,
     load_inception,
@@ -141,7 +138,7 @@ def test_fid_command_line(weights_file, tiny_checkpoint, tmp_path):
     proc = fid(tmp_path, "--ckpt=ckpt.pt", "--ref=fid_stats/real.npz", "--num_samples=7", "--steps=3", "--batch_size=4", w)
     assert proc.returncode == 0, proc.stderr
     assert "generated and scored 7/7 samples" in proc.stdout and "images/s" in proc.stdout
-    assert f"logged fid_7 = " in proc.stdout
+    assert "logged fid_7 = " in proc.stdout
     history = client.get_metric_history(run_id, "fid_7")
     assert len(history) == 1 and history[0].step == ckpt["iter_num"]
     assert abs(history[0].value - float(proc.stdout.split("FID ")[1].split()[0])) < 1e-3

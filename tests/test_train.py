@@ -6,7 +6,6 @@ import sys
 import time
 import urllib.request
 
-import pytest
 import torch
 
 from conftest import REPO, TINY_TRAIN, assert_clean_failure, run_script
