@@ -18,6 +18,7 @@ filter, which avoids aliasing, so its scores are not comparable with these.)
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import numpy as np
@@ -147,7 +148,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     from scipy import linalg
 
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    with warnings.catch_warnings():  # singular with fewer images than dimensions; handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # a (nearly) singular product, e.g. from few images
         offset = np.eye(len(mu1)) * eps
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
@@ -357,17 +360,17 @@ if __name__ == "__main__":
                 torch.compile(model) if compile else model, schedule, meta, extractor, num_samples, decoder, steps,
                 cfg_scale, eta, seed, batch_size, autocast, inception_batch_size,
             )
-            source = f"{num_samples} samples of {ckpt} ({steps} steps, cfg_scale {cfg_scale})"
+            source = f"samples of {ckpt}, {steps} steps, cfg_scale {cfg_scale}"
         else:
             features = features_of(extractor, fake, inception_batch_size, images)
-            source = images
+            source = f"images of {images}"
         mu, sigma = statistics(features)
     except DataError as e:
         fail(str(e))
     if stats_out:
         save_stats(stats_out, mu, sigma, len(features), source)
     fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)
-    print(f"FID {fid:.3f} ({len(features)} images of {source} vs {ref})")
+    print(f"FID {fid:.3f} ({len(features)} {source} vs {ref})")
 
     if ckpt and mlflow_log and checkpoint.get("mlflow_run_id"):
         name = fid_metric_name(num_samples)
