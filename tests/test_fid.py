@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,25 @@ def test_fid_bad_input(weights_file, tmp_path):
     proc = fid(tmp_path, "--images=real", "--ref=real", "--inception_weights=missing.pth")
     assert_clean_failure(proc, "could not load the FID Inception weights from missing.pth")
     assert not (tmp_path / "nothing").exists()
+
+
+def test_fid_during_training(weights_file, tiny_dataset, tmp_path):
+    from conftest import REPO, TINY_TRAIN
+
+    os.symlink(tiny_dataset, tmp_path / "data")
+    args = [os.path.join(REPO, "config", "train_debug.py"), "--data_dir=data", "--dataset=tiny", *TINY_TRAIN,
+            "--max_iters=20", "--eval_interval=20", "--fid_interval=20", "--fid_num_samples=8"]
+    proc = run_script("train.py", *args, f"--inception_weights={weights_file}", "--mlflow_log=True",
+                      "--mlflow_experiment=fid", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "reference statistics: 24 images of data/tiny (train split)" in proc.stdout  # pixels: its own train split
+    score = float(proc.stdout.split("iter 20: fid_8 ")[1].split()[0])
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("fid").experiment_id])[0]
+    assert abs(run.data.metrics["fid_8"] - score) < 1e-3  # printed with 3 decimals
+    # no weights to be had: one warning, and training goes on
+    proc = run_script("train.py", *args, "--inception_weights=missing.pth", "--out_dir=no-fid", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("no FID during training") == 1 and (tmp_path / "no-fid" / "ckpt.pt").exists()
