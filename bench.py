@@ -15,11 +15,9 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
-
 import torch
 
-from model import DiT, DiTConfig, ddim_sample, diffusion_loss, get_noise_schedule, gpu_peak_flops
+from model import DiT, DiTConfig, autocast_context, ddim_sample, diffusion_loss, get_noise_schedule, gpu_peak_flops
 
 # -----------------------------------------------------------------------------
 # default config values (with no config file on the command line, config/train_cifar_pixels.py is read first)
@@ -75,7 +73,7 @@ device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+autocast = autocast_context(device, dtype)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 try:
     config = DiTConfig(

@@ -14,8 +14,9 @@ which overrides them from the command line, left to right:
   as the raw text when the default is a string (--device=cuda, --classes=cat,dog).
 
 An unknown key, a value of the wrong type or a missing config file ends the program
-with one line on stderr and exit status 1. (A script that reads another script's config
-files sets _config_files_may_set_other_keys = True: unknown keys in files are then skipped.) `--help` lists every key with its default.
+with one line on stderr and exit status 1. `--help` lists every key with its default.
+(A script that reads another script's config files sets
+_config_files_may_set_other_keys = True: unknown keys in files are then skipped.)
 Afterwards `config_keys` names the keys (every module-level value of a config type
 defined before this runs, except _private and UPPER_CASE names), for scripts that log
 or save their config.

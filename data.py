@@ -15,6 +15,9 @@ import shutil
 import torch
 
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+
+
 class DataError(RuntimeError):
     """A problem with the user's data or VAE; its message says what to do."""
 
@@ -49,13 +52,24 @@ def load_meta(data_dir):
         return json.load(f)
 
 
+def latent_stats(meta, device):
+    """The per-channel mean and std of the train latents, shaped (1, C, 1, 1)."""
+    mean = torch.tensor(meta["latent_mean"], device=device).view(1, -1, 1, 1)
+    std = torch.tensor(meta["latent_std"], device=device).view(1, -1, 1, 1)
+    return mean, std
+
+
 def to_model_space(x, meta):
     """A batch as stored (uint8 pixels or raw latents) -> float32 model input."""
     if meta["kind"] == "pixels":
-        return x.float() / 127.5 - 1.0
-    mean = torch.tensor(meta["latent_mean"], device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["latent_std"], device=x.device).view(1, -1, 1, 1)
+        return from_uint8(x)
+    mean, std = latent_stats(meta, x.device)
     return (x.float() - mean) / std
+
+
+def from_uint8(x):
+    """uint8 images -> float32 in [-1, 1]."""
+    return x.float() / 127.5 - 1.0
 
 
 def to_uint8(x):
@@ -106,7 +120,7 @@ def encode(vae, images):
     Takes the mean of the encoder's distribution rather than a sample, so the dataset
     is deterministic."""
     scale, shift = vae_scaling(vae)
-    x = images.to(vae.device, torch.float32) / 127.5 - 1.0
+    x = from_uint8(images.to(vae.device))
     latent = vae.encode(x).latent_dist.mean
     return ((latent - shift) * scale).float()
 
@@ -115,8 +129,7 @@ def encode(vae, images):
 def decode(vae, z, meta):
     """Normalised latents (model space) -> uint8 images: undo the per-channel
     normalisation, then the scaling convention, then run the VAE's decoder."""
-    mean = torch.tensor(meta["latent_mean"], device=z.device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["latent_std"], device=z.device).view(1, -1, 1, 1)
+    mean, std = latent_stats(meta, z.device)
     z = z.float() * std + mean
     latent = z / meta["scaling_factor"] + meta["shift_factor"]
     return to_uint8(vae.decode(latent.to(vae.device)).sample)

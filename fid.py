@@ -27,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
-from data import DataError, load_meta, load_split, one_line
+from data import IMAGE_EXTENSIONS, DataError, load_meta, load_split, one_line
+from model import autocast_context
 
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 # -----------------------------------------------------------------------------
 # The FID Inception network: torchvision's Inception3, with the blocks of the TF graph
@@ -354,11 +354,9 @@ if __name__ == "__main__":
         if not (images or ckpt):
             sys.exit(0)  # only the reference statistics were asked for
         if ckpt:
-            device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-            autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
             features = sample_features(
                 torch.compile(model) if compile else model, schedule, meta, extractor, num_samples, decoder, steps,
-                cfg_scale, eta, seed, batch_size, autocast, inception_batch_size,
+                cfg_scale, eta, seed, batch_size, autocast_context(device, dtype), inception_batch_size,
             )
             source = f"samples of {ckpt}, {steps} steps, cfg_scale {cfg_scale}"
         else:

@@ -20,6 +20,7 @@ gamma(t) = alpha_bar(t) is the fraction of signal variance left at time t:
 
 import inspect
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -443,6 +444,13 @@ def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, first
         x_T = initial_noise(shape, range(first_index + i, first_index + i + len(y)), seed).to(device)
         samples.append(ddim_sample(model, noise_schedule, x_T, y, generator=step_generator, **ddim_kwargs).cpu())
     return torch.cat(samples)
+
+
+def autocast_context(device, dtype):
+    """bf16 autocast on the device for dtype 'bfloat16', nothing otherwise (float32)."""
+    if dtype != "bfloat16":
+        return nullcontext()
+    return torch.autocast("cuda" if device.startswith("cuda") else device.split(":")[0], dtype=torch.bfloat16)
 
 
 # Dense bf16 matmul peak of known GPUs (datasheet numbers, FLOP/s), for MFU.

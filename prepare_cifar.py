@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from data import DataError, encode, load_vae, one_line, vae_scaling, write_atomically
+from data import IMAGE_EXTENSIONS, DataError, encode, load_vae, one_line, to_model_space, vae_scaling, write_atomically
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -36,8 +36,6 @@ device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # -----------------------------------------------------------------------------
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
 
 def fail(message):
@@ -228,8 +226,7 @@ else:
         flipped_copies=bool(flip),
     )
     # the largest |value| of the normalised train latents: samplers clip predicted x0 to it
-    mean, std = torch.tensor(meta["latent_mean"]).view(1, -1, 1, 1), torch.tensor(meta["latent_std"]).view(1, -1, 1, 1)
-    meta["clip_x0"] = ((train_latents - mean) / std).abs().max().item()
+    meta["clip_x0"] = to_model_space(train_latents, meta).abs().max().item()
     for split in tensors:  # float16 on disk: its rounding is far below the VAE's own error
         tensors[split]["x"] = tensors[split]["x"].half()
 meta["counts"] = {split: len(t["labels"]) for split, t in tensors.items()}

@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from data import DataError, image_grid, load_vae, one_line, save_png, to_images, write_atomically
-from model import DiT, DiTConfig, NoiseSchedule, ddim_sample, generate, initial_noise
+from model import DiT, DiTConfig, NoiseSchedule, autocast_context, ddim_sample, generate, initial_noise
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -141,8 +141,7 @@ if __name__ == "__main__":
         decoder = load_decoder(meta, vae, device)
     except DataError as e:
         fail(str(e))
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    autocast = autocast_context(device, dtype)
     net = torch.compile(model) if compile else model
     names = [meta["classes"][c] for c in class_ids]
 

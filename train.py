@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, image_grid, load_meta, load_split, load_vae, one_line, save_png, to_images, to_model_space
-from model import DiT, DiTConfig, diffusion_loss, generate, get_noise_schedule, gpu_peak_flops
+from model import DiT, DiTConfig, autocast_context, diffusion_loss, generate, get_noise_schedule, gpu_peak_flops
 
 # -----------------------------------------------------------------------------
 # default config values: together they are the full config (python train.py --help lists them)
@@ -175,7 +175,7 @@ torch.manual_seed(seed)  # the same initial weights on every process
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left outside autocast
     torch.backends.cudnn.allow_tf32 = True
-autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=torch.bfloat16)
+autocast = autocast_context(device, dtype)
 if master:
     os.makedirs(out_dir, exist_ok=True)
 
@@ -189,7 +189,7 @@ def get_batch(x_all, y_all, n, generator=None):
     idx = torch.randint(len(x_all), (n,), device=device, generator=generator)
     x, y = x_all[idx], y_all[idx]
     if meta["kind"] == "pixels":
-        x = x.float() / 127.5 - 1.0  # uint8 -> [-1, 1]
+        x = to_model_space(x, meta)  # uint8 -> [-1, 1]
         if flip:
             flipped = torch.rand(n, device=device, generator=generator) < 0.5
             x = torch.where(flipped.view(n, 1, 1, 1), x.flip(3), x)
@@ -414,8 +414,7 @@ def weights_checksum(net):
 
 
 # --- the loop ---------------------------------------------------------------------------
-images_per_iter = batch_size
-flops_per_iter = raw_model.flops_per_image(training=True) * images_per_iter
+flops_per_iter = raw_model.flops_per_image(training=True) * batch_size
 peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
 if master:
     print(
@@ -461,7 +460,7 @@ try:
                 )
             dt = (time.time() - t_log) / (losses_since_log / gradient_accumulation_steps)  # s per iter
             if master:
-                images_per_sec = images_per_iter / dt
+                images_per_sec = batch_size / dt
                 mfu = flops_per_iter / dt / peak_flops if peak_flops else None
                 eta = (max_iters - iter_num) * dt
                 print(
