@@ -7,15 +7,16 @@ The whole of nano-diffusion's model in one file, readable top to bottom:
      of every block, each block adds its own learned table to them,
    - class conditioning by attention to a learned class token (with a "no class" id
      for classifier-free guidance).
-2. Noise schedules from Chen 2023, "On the Importance of Noise Scheduling for Diffusion
-   Models" (https://arxiv.org/abs/2301.10972): linear, cosine, sigmoid, and the input scale b.
-3. The training loss (shared by train.py and the tests).
-4. The DDIM sampler (https://arxiv.org/abs/2010.02502) with classifier-free guidance
-   (https://arxiv.org/abs/2207.12598).
+2. Noise schedules: the variance-preserving ones of Chen 2023, "On the Importance of Noise
+   Scheduling for Diffusion Models" (https://arxiv.org/abs/2301.10972): linear, cosine,
+   sigmoid, with the input scale b; and the rectified-flow straight line.
+3. The training loss (shared by train.py and the tests): eps, v or flow-velocity targets.
+4. Samplers with classifier-free guidance (https://arxiv.org/abs/2207.12598): DDIM
+   (https://arxiv.org/abs/2010.02502) and DPM-Solver++(2M) (https://arxiv.org/abs/2211.01095).
 
-Time is continuous: t in [0, 1], t = 0 is clean data, t = 1 is pure noise, and
-gamma(t) = alpha_bar(t) is the fraction of signal variance left at time t:
-    x_t = sqrt(gamma(t)) * b * x_0 + sqrt(1 - gamma(t)) * eps,   eps ~ N(0, I)
+Time is continuous: t in [0, 1], t = 0 is clean data, t = 1 is pure noise, and every
+schedule is a path between them given by alpha_t and sigma_t:
+    x_t = alpha_t * b * x_0 + sigma_t * eps,   eps ~ N(0, I)
 """
 
 import inspect
@@ -42,11 +43,11 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 10  # class ids 0..num_classes-1; id num_classes means "no class"
     dropout: float = 0.0
-    prediction: str = "v"  # 'v' (Salimans & Ho 2022, arXiv 2202.00512) or 'eps' (DDPM)
+    prediction: str = "v"  # the target the model learns: 'v', 'eps' or 'velocity' (see diffusion_loss)
 
     def __post_init__(self):
-        if self.prediction not in ("v", "eps"):
-            raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
+        if self.prediction not in ("v", "eps", "velocity"):
+            raise ValueError(f"prediction must be 'v', 'eps' or 'velocity', got {self.prediction!r}")
         if self.input_size % self.patch_size:
             raise ValueError(
                 f"input size {self.input_size} is not divisible by patch_size {self.patch_size}"
@@ -261,9 +262,14 @@ def unwrap_model(model):
 
 
 # -----------------------------------------------------------------------------
-# 2. Noise schedules (Chen 2023, arXiv 2301.10972, Algorithm 1 and its reference code).
-# Each maps t in [0, 1] to gamma(t), falling from 1 to (nearly) 0, clipped to
-# [clip_min, 1] so that sqrt(gamma) never reaches 0. The defaults are the paper's.
+# 2. Noise schedules. A schedule is a path from data (t = 0) to noise (t = 1):
+#     x_t = alpha_t * b * x0 + sigma_t * eps
+# and the loss and both samplers use nothing but alpha_sigma(t), so a new path needs
+# no new sampler. The VP schedules of Chen 2023 (arXiv 2301.10972, Algorithm 1 and its
+# reference code) give gamma(t) = alpha_t^2, falling from 1 to (nearly) 0, clipped to
+# [clip_min, 1] so that alpha never reaches 0, and sigma_t^2 = 1 - gamma(t); the defaults
+# are the paper's. 'flow' is the rectified-flow straight line alpha_t = 1 - t, sigma_t = t
+# (SD3, arXiv 2403.03206, section 2; SiT, arXiv 2401.08740).
 
 
 def linear_gamma(t, clip_min=1e-9):
@@ -291,25 +297,48 @@ GAMMA_FUNCTIONS = {"linear": linear_gamma, "cosine": cosine_gamma, "sigmoid": si
 
 @dataclass
 class NoiseSchedule:
-    name: str
+    name: str  # 'linear', 'cosine', 'sigmoid' (variance preserving) or 'flow'
     params: dict
     input_scale: float = 1.0  # b: data is scaled by b before noising; b < 1 makes it noisier
 
     def gamma(self, t):
+        """VP schedules: the fraction of signal variance left at time t, alpha_t^2."""
         return GAMMA_FUNCTIONS[self.name](t, **self.params)
+
+    def alpha_sigma(self, t):
+        """(alpha_t, sigma_t) of x_t = alpha_t * b * x0 + sigma_t * eps."""
+        if self.name == "flow":
+            return 1 - t, t
+        gamma = self.gamma(t)
+        return gamma.sqrt(), (1 - gamma).sqrt()
 
 
 def get_noise_schedule(name, input_scale=1.0, **params):
-    """get_noise_schedule('sigmoid', start=0, end=3, tau=0.5, input_scale=0.5)"""
-    if name not in GAMMA_FUNCTIONS:
-        raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(GAMMA_FUNCTIONS)}")
-    allowed = list(inspect.signature(GAMMA_FUNCTIONS[name]).parameters)[1:]  # all but t
+    """get_noise_schedule('sigmoid', start=0, end=3, tau=0.5, input_scale=0.5), or 'flow'."""
+    if name not in (*GAMMA_FUNCTIONS, "flow"):
+        raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(GAMMA_FUNCTIONS)}, flow")
+    allowed = list(inspect.signature(GAMMA_FUNCTIONS[name]).parameters)[1:] if name != "flow" else []  # all but t
     unknown = set(params) - set(allowed)
     if unknown:
-        raise ValueError(f"noise schedule {name!r} takes {', '.join(allowed)}, not {', '.join(sorted(unknown))}")
+        takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
+        raise ValueError(f"noise schedule {name!r} {takes}, not {', '.join(sorted(unknown))}")
     if input_scale <= 0:
         raise ValueError(f"input_scale must be positive, got {input_scale}")
     return NoiseSchedule(name, dict(params), float(input_scale))
+
+
+def check_objective(noise_schedule, prediction):
+    """A clear error for a path and a prediction target that do not go together."""
+    if prediction == "velocity" and noise_schedule.name != "flow":
+        raise ValueError(
+            f"prediction 'velocity' is the rectified-flow target eps - x0: use it with noise_schedule='flow' "
+            f"(with {noise_schedule.name!r}, use 'v' or 'eps')"
+        )
+    if prediction == "eps" and noise_schedule.name == "flow":
+        raise ValueError(
+            "prediction 'eps' cannot work with noise_schedule='flow': at t=1 the path is pure noise (alpha = 0), "
+            "so a predicted eps says nothing about x0; use prediction='velocity' (or 'v')"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -327,28 +356,30 @@ def sample_t(batch_size, t_sampling, device, generator=None):
 
 
 def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None):
-    """Mean squared error between the model's prediction and its target (eps or v) on
-    x0 noised at random times. With probability class_dropout a label is replaced by
-    the "no class" id, so that the same model also learns the unconditional prediction
-    that classifier-free guidance needs."""
+    """Mean squared error between the model's prediction and its target on x0 noised at
+    random times. The targets: 'eps' (DDPM), 'v' = alpha eps - sigma x0 (Salimans & Ho
+    2022, arXiv 2202.00512), 'velocity' = eps - x0, the flow path's dx_t/dt."""
     config = unwrap_model(model).config
     B, device = x0.shape[0], x0.device
+    # 1. a random time and noise for every image
     t = sample_t(B, t_sampling, device, generator)
     eps = torch.randn(x0.shape, device=device, generator=generator)
-    gamma = noise_schedule.gamma(t).view(B, 1, 1, 1)
-    alpha, sigma = gamma.sqrt(), (1 - gamma).sqrt()
+    # 2. the noisy image on the path at that time
+    alpha, sigma = (c.view(B, 1, 1, 1) for c in noise_schedule.alpha_sigma(t))
     x0 = x0 * noise_schedule.input_scale
     x_t = alpha * x0 + sigma * eps
+    # 3. with probability class_dropout the "no class" id instead of the label, so that the
+    #    same model also learns the unconditional prediction guidance needs
     if class_dropout > 0:
         drop = torch.rand(B, device=device, generator=generator) < class_dropout
         y = torch.where(drop, config.num_classes, y)
-    prediction = model(x_t, t, y).float()
-    target = eps if config.prediction == "eps" else alpha * eps - sigma * x0  # v = alpha eps - sigma x0
-    return F.mse_loss(prediction, target)
+    # 4. regress the prediction onto its target
+    target = {"eps": eps, "v": alpha * eps - sigma * x0, "velocity": eps - x0}[config.prediction]
+    return F.mse_loss(model(x_t, t, y).float(), target)
 
 
 # -----------------------------------------------------------------------------
-# 4. Sampling: classifier-free guidance and DDIM
+# 4. Sampling: classifier-free guidance, DDIM and DPM-Solver++(2M)
 
 
 def guided_prediction(model, x, t, y, cfg_scale=1.0):
@@ -362,65 +393,107 @@ def guided_prediction(model, x, t, y, cfg_scale=1.0):
     return uncond + cfg_scale * (cond - uncond)
 
 
-@torch.no_grad()
-def ddim_sample(
-    model,
-    noise_schedule,
-    x_T,
-    y,
-    steps=50,
-    cfg_scale=1.0,
-    eta=0.0,
-    generator=None,
-    return_trajectory=False,
-    clip_x0=None,
-):
-    """DDIM (Song et al. 2020, eq. 12) from t=1 to t=0 in `steps` model evaluations.
-    eta=0 is deterministic, eta=1 adds DDPM-like noise at every step.
-    x_T (B, C, H, W) standard normal noise; y (B,) class ids (num_classes = unconditional).
-    clip_x0 clamps each predicted x0 to [-clip_x0, clip_x0] (e.g. 1.0 for pixels in [-1, 1]).
-    Returns x0 (B, C, H, W), and with return_trajectory also a dict of lists:
-    'x_t' (steps + 1 tensors: x_T ... x_0) and 'x0_pred' (steps tensors), all divided by b.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    prediction = unwrap_model(model).config.prediction
+def predict_x0_eps(model, x, t, y, alpha, sigma, cfg_scale, clip_x0):
+    """One (guided) model evaluation at x = alpha x0 + sigma eps, as predictions of x0 (in
+    b-scaled space) and eps. clip_x0 clamps x0 to [-clip_x0, clip_x0], the data's range
+    (times b): with eps prediction at t=1, alpha ~ 3e-5 multiplies any error of eps by ~3e4
+    (v and velocity need no division, one reason they are preferred)."""
+    config = unwrap_model(model).config
+    out = guided_prediction(model, x, torch.full((len(x),), t, device=x.device), y, cfg_scale)
+    if config.prediction == "eps":  # alpha > 0: VP gammas are clipped, check_objective rules out flow
+        x0, eps = (x - sigma * out) / alpha, out
+    elif config.prediction == "velocity":  # out = eps - x0 on the flow path, where alpha + sigma = 1
+        x0, eps = x - sigma * out, x + alpha * out
+    else:  # v = alpha eps - sigma x0; alpha^2 + sigma^2 is 1 on VP paths
+        norm = alpha**2 + sigma**2
+        x0, eps = (alpha * x - sigma * out) / norm, (sigma * x + alpha * out) / norm
+    if clip_x0 is not None:
+        x0 = x0.clamp(-clip_x0, clip_x0)
+        eps = (x - alpha * x0) / sigma  # sigma > 0 at every model evaluation (t > 0)
+    return x0, eps
+
+
+def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
+    """steps + 1 times from t=1 to t=0 whose inner points are evenly spaced in log-SNR
+    lambda = log(alpha / sigma) over lambda_range (clipped to the schedule's own
+    lambda(1)), found by bisection since lambda falls as t grows. DPM-Solver's grid for
+    pixel models (Lu et al. 2022, section 3.3): the steps crowd where the image changes fast."""
+    alpha, sigma = noise_schedule.alpha_sigma(torch.ones((), dtype=torch.float64))
+    lambdas = torch.linspace(max(lambda_range[0], (alpha.log() - sigma.log()).item()), lambda_range[1], steps + 1, dtype=torch.float64)
+    lo, hi = torch.zeros_like(lambdas), torch.ones_like(lambdas)
+    for _ in range(60):  # 60 halvings: float64 resolution
+        mid = (lo + hi) / 2
+        alpha, sigma = noise_schedule.alpha_sigma(mid)
+        later = alpha.log() - sigma.log() > lambdas  # still too little noise at mid
+        lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
+    ts = (lo + hi) / 2
+    ts[0], ts[-1] = 1.0, 0.0  # start at pure noise, end at clean data
+    return ts
+
+
+def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, return_trajectory=False, eta=0.0, generator=None, second_order=False):
+    """Integrate from x_T at ts[0] = 1 to ts[-1] = 0 over the float64 times ts: DDIM, or with
+    second_order DPM-Solver++(2M). Returns x0 (divided by b), and with return_trajectory a
+    dict of lists: 'x_t' (x_T ... x_0) and 'x0_pred' (one per step), all divided by b."""
+    if len(ts) < 2:
+        raise ValueError(f"steps must be at least 1, got {len(ts) - 1}")
     b = noise_schedule.input_scale
-    B, device = x_T.shape[0], x_T.device
-    # The time grid and its gammas in float64: exact at both ends, gamma(1) = clip_min > 0.
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    gammas = noise_schedule.gamma(ts).tolist()
-    gammas[-1] = 1.0  # t = 0 is clean data, whatever the schedule's rounding
+    alphas, sigmas = noise_schedule.alpha_sigma(ts)
+    alphas[-1], sigmas[-1] = 1.0, 0.0  # t = 0 is clean data, whatever the schedule's rounding
+    lambdas = (alphas.log() - sigmas.log()).tolist()  # log-SNR: +inf at t = 0, -inf at t = 1 on the flow path
+    alphas, sigmas = alphas.tolist(), sigmas.tolist()
     x = x_T.float()
     trajectory = {"x_t": [x / b], "x0_pred": []}
-    for i in range(steps):
-        g_t, g_s = gammas[i], gammas[i + 1]  # from time t to the less noisy time s
-        alpha_t, sigma_t = math.sqrt(g_t), math.sqrt(1 - g_t)
-        t = torch.full((B,), float(ts[i]), device=device)
-        out = guided_prediction(model, x, t, y, cfg_scale)
-        if prediction == "v":  # no division: alpha^2 + sigma^2 = 1
-            x0_pred = alpha_t * x - sigma_t * out
-            eps_pred = sigma_t * x + alpha_t * out
-        else:
-            # alpha_t >= sqrt(clip_min) > 0, so this is finite even at t=1. But there
-            # alpha_t ~ 3e-5 multiplies any error of the predicted eps by ~3e4: with eps
-            # prediction, pass clip_x0 (v-prediction has no such problem, one reason
-            # it is the default; Salimans & Ho 2022 section 4).
-            eps_pred = out
-            x0_pred = (x - sigma_t * out) / alpha_t
-        if clip_x0 is not None:
-            x0_pred = x0_pred.clamp(-clip_x0 * b, clip_x0 * b)
-            eps_pred = (x - alpha_t * x0_pred) / sigma_t  # sigma_t > 0 at every model step
-        # DDIM step (Song et al. eq. 12 in gamma notation); at s = 0 this is x0_pred itself
-        noise_std = eta * math.sqrt((1 - g_s) / (1 - g_t) * (1 - g_t / g_s))
-        x = math.sqrt(g_s) * x0_pred + math.sqrt(max(1 - g_s - noise_std**2, 0.0)) * eps_pred
+    x0_prev = None
+    for i in range(len(ts) - 1):
+        a_t, s_t, a_s, s_s = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]  # from time t to the earlier time s
+        x0, eps = predict_x0_eps(model, x, ts[i].item(), y, a_t, s_t, cfg_scale, None if clip_x0 is None else clip_x0 * b)
+        x0_step, eps_step = x0, eps
+        if second_order and x0_prev is not None and s_s > 0:
+            # DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) is this DDIM step
+            # with a better x0: the last two predictions extrapolated linearly in lambda to the
+            # middle of the step, r = previous step / this step, both measured in lambda.
+            r = (lambdas[i] - lambdas[i - 1]) / (lambdas[i + 1] - lambdas[i])
+            x0_step = x0 + (x0 - x0_prev) / (2 * r)
+            eps_step = (x - a_t * x0_step) / s_t
+        # DDIM step (Song et al. 2020, eq. 12): x0 and eps carried to the noise level of s; eta > 0
+        # swaps part of eps for fresh noise (eta = 1: DDPM's posterior q(x_s | x_t, x0)).
+        noise_std = eta * s_s * math.sqrt(max(1 - (a_t * s_s / (a_s * s_t)) ** 2, 0.0))
+        x = a_s * x0_step + math.sqrt(max(s_s**2 - noise_std**2, 0.0)) * eps_step
         if noise_std > 0:
-            x = x + noise_std * torch.randn(x.shape, device=device, generator=generator)
+            x = x + noise_std * torch.randn(x.shape, device=x.device, generator=generator)
+        x0_prev = x0
         if return_trajectory:
             trajectory["x_t"].append(x / b)
-            trajectory["x0_pred"].append(x0_pred / b)
-    x = x / b
-    return (x, trajectory) if return_trajectory else x
+            trajectory["x0_pred"].append(x0 / b)
+    return (x / b, trajectory) if return_trajectory else x / b
+
+
+@torch.no_grad()
+def ddim_sample(
+    model, noise_schedule, x_T, y, steps=50, cfg_scale=1.0, eta=0.0, generator=None, return_trajectory=False, clip_x0=None,
+):
+    """DDIM (Song et al. 2020, arXiv 2010.02502) from t=1 to t=0 in `steps` model evaluations,
+    evenly spaced in t. eta=0 is deterministic, eta=1 adds DDPM-like noise at every step
+    (drawn from generator). x_T (B, C, H, W) standard normal noise; y (B,) class ids
+    (num_classes = unconditional); clip_x0 clamps each predicted x0 to [-clip_x0, clip_x0]
+    (1.0 for pixels in [-1, 1]). Returns x0, and with return_trajectory (x0, trajectory): see solve()."""
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, return_trajectory, eta=eta, generator=generator)
+
+
+@torch.no_grad()
+def dpm_solver_sample(
+    model, noise_schedule, x_T, y, steps=20, cfg_scale=1.0, generator=None, return_trajectory=False, clip_x0=None,
+):
+    """DPM-Solver++(2M) (Lu et al. 2022): multistep, second order, on the data prediction,
+    with a first-order (DDIM) first and last step, over logsnr_times. Deterministic (generator
+    is unused); otherwise the arguments and the result are ddim_sample's."""
+    ts = logsnr_times(noise_schedule, steps)
+    return solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, return_trajectory, second_order=True)
+
+
+SAMPLERS = {"ddim": ddim_sample, "dpm++2m": dpm_solver_sample}
 
 
 def initial_noise(shape, indices, seed):
@@ -431,18 +504,18 @@ def initial_noise(shape, indices, seed):
 
 
 @torch.no_grad()
-def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, first_index=0, **ddim_kwargs):
+def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, first_index=0, sampler="ddim", **sampler_kwargs):
     """Samples for many labels (model space, on the CPU), in batches of batch_size, from
-    initial_noise(seed) of images first_index, first_index + 1, ... ddim_kwargs go to
-    ddim_sample (steps, cfg_scale, eta, clip_x0); with eta > 0 the added noise comes
-    from one generator seeded with (seed, first_index)."""
+    initial_noise(seed) of images first_index, first_index + 1, ... sampler_kwargs go to
+    the sampler, 'ddim' or 'dpm++2m' (steps, cfg_scale, clip_x0, and DDIM's eta); with
+    eta > 0 the added noise comes from one generator seeded with (seed, first_index)."""
     device = next(unwrap_model(model).parameters()).device
     step_generator = torch.Generator(device).manual_seed(seed * 1_000_003 + first_index)
     samples = []
     for i in range(0, len(labels), batch_size):
         y = labels[i : i + batch_size].to(device)
         x_T = initial_noise(shape, range(first_index + i, first_index + i + len(y)), seed).to(device)
-        samples.append(ddim_sample(model, noise_schedule, x_T, y, generator=step_generator, **ddim_kwargs).cpu())
+        samples.append(SAMPLERS[sampler](model, noise_schedule, x_T, y, generator=step_generator, **sampler_kwargs).cpu())
     return torch.cat(samples)
 
 

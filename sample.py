@@ -19,16 +19,17 @@ from contextlib import nullcontext
 import torch
 
 from data import DataError, image_grid, load_vae, one_line, save_png, to_images, write_atomically
-from model import DiT, DiTConfig, NoiseSchedule, autocast_context, ddim_sample, generate, initial_noise
+from model import SAMPLERS, DiT, DiTConfig, NoiseSchedule, autocast_context, generate, initial_noise
 
 # -----------------------------------------------------------------------------
 # default config values
 ckpt = "out/ckpt.pt"  # a checkpoint written by train.py (ckpt.pt or best.pt)
 classes = "all"  # class ids or names, comma-separated ('3,5', 'cat,dog', '3,3,3'), or 'all'
 num_per_class = 8  # images per requested class: the columns of grid.png
-steps = 50  # DDIM steps (model evaluations per image)
+sampler = "ddim"  # 'ddim' or 'dpm++2m' (DPM-Solver++(2M): as good in far fewer steps)
+steps = 50  # sampler steps (model evaluations per image)
 cfg_scale = 1.5  # classifier-free guidance: 1 = none, larger = more class-typical, less varied
-eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like
+eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like (DDIM only)
 seed = 0  # the same seed gives the same images
 batch_size = 256  # images per sampling batch (cond + uncond make it 2x inside the model)
 use_ema = True  # sample with the EMA weights (False: the raw weights)
@@ -88,19 +89,28 @@ def load_decoder(meta, vae_name, device):
         raise DataError(f"{e}; this checkpoint's latents need their VAE: pass --vae=path/to/vae") from e
 
 
+def sampler_settings(sampler, steps, cfg_scale, eta=0.0):
+    """The keyword arguments of generate() for these settings; ValueError if they do not fit."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's noise and {sampler} is deterministic; use --sampler=ddim or --eta=0")
+    return dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, **({"eta": eta} if sampler == "ddim" else {}))
+
+
 @torch.no_grad()
-def sample_images(
-    model, schedule, meta, labels, vae=None, steps=50, cfg_scale=1.5, eta=0.0, seed=0, batch_size=256,
-    autocast=nullcontext(), first_index=0,
-):
+def sample_images(model, schedule, meta, labels, vae=None, seed=0, batch_size=256, autocast=nullcontext(), first_index=0, **sampling):
     """uint8 images (N, 3, H, W) on the CPU for a tensor of class ids, decoded through the
-    VAE for latent models. Image i (counted from first_index) depends only on seed, i and
-    its label, not on batch_size, so a large set can be made in pieces."""
+    VAE for latent models; sampling is sampler_settings(...). Image i (counted from
+    first_index) depends only on seed, i and its label, not on batch_size, so a large set
+    can be made in pieces."""
     device = next(model.parameters()).device
     with autocast:
         samples = generate(
             model, schedule, labels, meta["shape"], seed=seed, batch_size=batch_size, first_index=first_index,
-            steps=steps, cfg_scale=cfg_scale, eta=eta, clip_x0=meta.get("clip_x0"),
+            clip_x0=meta.get("clip_x0"), **sampling,
         )
     images = [to_images(samples[i : i + batch_size].to(device), meta, vae).cpu() for i in range(0, len(samples), batch_size)]
     return torch.cat(images)
@@ -129,8 +139,10 @@ if __name__ == "__main__":
     def fail(message):
         sys.exit(f"error: {message}")
 
-    if steps < 1:
-        fail(f"steps must be at least 1, got {steps}")
+    try:
+        sampling = sampler_settings(sampler, steps, cfg_scale, eta)
+    except ValueError as e:
+        fail(str(e))
     if num_per_class < 1:
         fail(f"num_per_class must be at least 1, got {num_per_class}")
     if trajectory_show not in ("x_t", "x0"):
@@ -147,17 +159,18 @@ if __name__ == "__main__":
 
     t0 = time.time()
     labels = torch.tensor(class_ids).repeat_interleave(num_per_class)  # row by row
-    images = sample_images(net, schedule, meta, labels, decoder, steps, cfg_scale, eta, seed, batch_size, autocast)
+    images = sample_images(net, schedule, meta, labels, decoder, seed=seed, batch_size=batch_size, autocast=autocast, **sampling)
     seconds = time.time() - t0
 
     if trajectory:
         # The first image of each row again, keeping every step: same noise, same final image
         first = torch.arange(len(class_ids)) * num_per_class
         x_T = initial_noise(meta["shape"], first.tolist(), seed).to(device)
+        kwargs = {k: v for k, v in sampling.items() if k != "sampler"}
         with autocast:
-            _, path = ddim_sample(
-                net, schedule, x_T, labels[first].to(device), steps=steps, cfg_scale=cfg_scale, eta=eta,
-                generator=torch.Generator(device).manual_seed(seed), return_trajectory=True, clip_x0=meta.get("clip_x0"),
+            _, path = SAMPLERS[sampler](
+                net, schedule, x_T, labels[first].to(device), generator=torch.Generator(device).manual_seed(seed),
+                return_trajectory=True, clip_x0=meta.get("clip_x0"), **kwargs,
             )
         frames = path["x_t"] if trajectory_show == "x_t" else path["x0_pred"]
         picks = torch.linspace(0, len(frames) - 1, min(trajectory_frames, len(frames))).round().long().tolist()
@@ -177,7 +190,7 @@ if __name__ == "__main__":
     write_atomically(out_dir, write)
     print(
         f"{len(images)} images of {', '.join(dict.fromkeys(names))} in {seconds:.1f} s "
-        f"({len(images) / seconds:.1f} images/s, {steps} steps, cfg_scale {cfg_scale}, "
+        f"({len(images) / seconds:.1f} images/s, {sampler} {steps} steps, cfg_scale {cfg_scale}, "
         f"{'EMA' if use_ema else 'raw'} weights) -> {out_dir}/grid.png"
         + (f", {out_dir}/trajectory.png ({trajectory_show})" if trajectory else "")
     )

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, image_grid, load_meta, load_split, load_vae, one_line, save_png, to_images, to_model_space
-from model import DiT, DiTConfig, autocast_context, diffusion_loss, generate, get_noise_schedule, gpu_peak_flops
+from sample import sampler_settings
+from model import DiT, DiTConfig, autocast_context, check_objective, diffusion_loss, generate, get_noise_schedule, gpu_peak_flops
 
 # -----------------------------------------------------------------------------
 # default config values: together they are the full config (python train.py --help lists them)
@@ -40,7 +41,8 @@ eval_iters = 20  # test-split batches per validation loss
 patience = 0  # stop after this many evals without EMA val loss improvement (0: never)
 # sample grids during training (EMA model, fixed noise, one row per class)
 samples_per_class = 8  # images per row of the grid
-sample_steps = 50  # DDIM steps
+sampler = "ddim"  # 'ddim' or 'dpm++2m' (also for FID)
+sample_steps = 50  # sampler steps
 sample_cfg_scale = 1.5  # classifier-free guidance scale (1 = no guidance)
 # FID during training (fid.py; EMA model, sample_steps and sample_cfg_scale)
 fid_interval = 0  # iterations between FID evaluations (0: off; a multiple of eval_interval)
@@ -54,9 +56,9 @@ n_embd = 768
 patch_size = 1  # 4x4 latents -> 16 tokens
 mlp_ratio = 4.0
 dropout = 0.0
-prediction = "v"  # 'v' or 'eps'
+prediction = "v"  # the target: 'v' or 'eps' (VP schedules), 'velocity' (flow) or 'v' (flow)
 # diffusion
-noise_schedule = "cosine"  # 'linear', 'cosine' or 'sigmoid' (Chen 2023)
+noise_schedule = "cosine"  # 'linear', 'cosine' or 'sigmoid' (Chen 2023), or 'flow' (rectified flow)
 schedule_start = None  # cosine/sigmoid start (None: the paper's default, 0 for cosine, -3 for sigmoid)
 schedule_end = None  # cosine/sigmoid end (None: 1 for cosine, 3 for sigmoid)
 schedule_tau = None  # cosine/sigmoid temperature (None: 1)
@@ -151,6 +153,8 @@ try:
     schedule = get_noise_schedule(
         noise_schedule, input_scale=input_scale, **{k: v for k, v in schedule_params.items() if v is not None}
     )
+    check_objective(schedule, prediction)
+    sampling = sampler_settings(sampler, sample_steps, sample_cfg_scale)
 except ValueError as e:
     fail(f"{e} (dataset {dataset} is {'x'.join(map(str, meta['shape']))})")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -347,7 +351,7 @@ def sample_grid():
     with autocast:
         samples = generate(
             ema_model, schedule, labels, meta["shape"], seed=seed, batch_size=max(micro_batch, 64),
-            steps=sample_steps, cfg_scale=sample_cfg_scale, clip_x0=meta.get("clip_x0"),
+            clip_x0=meta.get("clip_x0"), **sampling,
         )
     return image_grid(to_images(samples.to(device), meta, vae or None).cpu(), nrow=samples_per_class)
 
@@ -373,8 +377,8 @@ def fid_score():
         return None
     extractor, ref_mu, ref_sigma = fid_scorer
     features = fid.sample_features(
-        ema_model, schedule, meta, extractor, fid_num_samples, vae or None, sample_steps, sample_cfg_scale,
-        seed=seed, batch_size=max(micro_batch, 64), autocast=autocast,
+        ema_model, schedule, meta, extractor, fid_num_samples, vae or None, seed=seed,
+        batch_size=max(micro_batch, 64), autocast=autocast, **sampling,
     )
     score = fid.frechet_distance(*fid.statistics(features), ref_mu, ref_sigma)
     return fid.fid_metric_name(fid_num_samples), score

@@ -11,10 +11,13 @@ from conftest import randomize_, tiny_config
 from model import (
     DiT,
     DiTConfig,
+    check_objective,
     ddim_sample,
     diffusion_loss,
+    dpm_solver_sample,
     get_noise_schedule,
     guided_prediction,
+    logsnr_times,
     sample_t,
 )
 
@@ -24,6 +27,11 @@ SCHEDULES = [
     ("cosine", dict(start=0.2, end=1.0, tau=2.0)),
     ("sigmoid", {}),
     ("sigmoid", dict(start=0.0, end=3.0, tau=0.5)),
+]
+SAMPLERS = [ddim_sample, dpm_solver_sample]
+# every schedule with every prediction that makes sense with it (check_objective)
+OBJECTIVES = [(name, params, p) for name, params in SCHEDULES for p in ("eps", "v")] + [
+    ("flow", {}, "velocity"), ("flow", {}, "v")
 ]
 
 
@@ -75,7 +83,7 @@ def test_class_and_time_change_the_output():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="prediction"):
+    with pytest.raises(ValueError, match="prediction must be 'v', 'eps' or 'velocity'"):
         DiTConfig(prediction="x0")
     with pytest.raises(ValueError, match="patch_size"):
         DiTConfig(input_size=6, patch_size=4)
@@ -142,8 +150,29 @@ def test_schedule_closed_forms():
     assert abs(get_noise_schedule("sigmoid").gamma(torch.tensor(0.25)).item() - expected) < 1e-6
 
 
+def test_alpha_sigma():
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    for name, params in SCHEDULES:
+        schedule = get_noise_schedule(name, **params)
+        alpha, sigma = schedule.alpha_sigma(t)
+        assert torch.allclose(alpha**2, schedule.gamma(t)) and torch.allclose(alpha**2 + sigma**2, torch.ones_like(t))
+    alpha, sigma = get_noise_schedule("flow").alpha_sigma(t)
+    assert torch.equal(alpha, 1 - t) and torch.equal(sigma, t)  # the straight line from data to noise
+
+
+def test_objective_checks():
+    for name, params, prediction in OBJECTIVES:
+        check_objective(get_noise_schedule(name, **params), prediction)
+    with pytest.raises(ValueError, match="'velocity' is the rectified-flow target.*noise_schedule='flow'"):
+        check_objective(get_noise_schedule("cosine"), "velocity")
+    with pytest.raises(ValueError, match="'eps' cannot work with noise_schedule='flow'.*'velocity'"):
+        check_objective(get_noise_schedule("flow"), "eps")
+    with pytest.raises(ValueError, match="'flow' takes no parameters, not tau"):
+        get_noise_schedule("flow", tau=2.0)
+
+
 def test_schedule_errors():
-    with pytest.raises(ValueError, match="unknown noise schedule"):
+    with pytest.raises(ValueError, match="unknown noise schedule 'quadratic'.*sigmoid, flow"):
         get_noise_schedule("quadratic")
     with pytest.raises(ValueError, match="takes clip_min"):
         get_noise_schedule("linear", tau=2.0)
@@ -167,9 +196,14 @@ def test_t_sampling():
 # --- loss ----------------------------------------------------------------------
 
 
+def target(prediction, x0, eps, alpha, sigma):
+    """What a model with this prediction should output, written out here independently."""
+    return {"eps": eps, "v": alpha * eps - sigma * x0, "velocity": eps - x0}[prediction]
+
+
 class Oracle(torch.nn.Module):
     """A "model" that knows the one image of its dataset and returns the exact
-    prediction (eps or v) for any x_t, computed in float64."""
+    prediction (eps, v or velocity) for any x_t, computed in float64."""
 
     def __init__(self, x0, schedule, prediction, num_classes=2):
         super().__init__()
@@ -179,26 +213,51 @@ class Oracle(torch.nn.Module):
 
     def forward(self, x_t, t, y):
         self.calls.append(t.clone())
-        gamma = self.schedule.gamma(t.double()).view(-1, 1, 1, 1)
-        alpha, sigma = gamma.sqrt(), (1 - gamma).sqrt()
+        alpha, sigma = (c.view(-1, 1, 1, 1) for c in self.schedule.alpha_sigma(t.double()))
         x0 = self.x0 * self.schedule.input_scale
         eps = (x_t.double() - alpha * x0) / sigma
-        return (eps if self.config.prediction == "eps" else alpha * eps - sigma * x0).float()
+        return target(self.config.prediction, x0, eps, alpha, sigma).float()
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-def test_loss_is_zero_for_the_oracle(prediction):
+class GaussianOracle(Oracle):
+    """The exact prediction for data x0 ~ N(mu, s^2) in every pixel: with x0' = b x0,
+    E[x0' | x_t] = b mu + alpha b^2 s^2 / (alpha^2 b^2 s^2 + sigma^2) (x_t - alpha b mu).
+    Along the probability-flow ODE (x_t - alpha b mu) / sqrt(alpha^2 b^2 s^2 + sigma^2) stays
+    constant, so the exact sample from x_T is known in closed form too."""
+
+    def __init__(self, mu, s, schedule, prediction):
+        super().__init__(torch.zeros(1), schedule, prediction)
+        self.mu, self.s = mu, s
+
+    def forward(self, x_t, t, y):
+        alpha, sigma = (c.view(-1, 1, 1, 1) for c in self.schedule.alpha_sigma(t.double()))
+        b, x_t = self.schedule.input_scale, x_t.double()
+        mean, var = b * self.mu, (b * self.s) ** 2
+        x0 = mean + alpha * var / (alpha**2 * var + sigma**2) * (x_t - alpha * mean)
+        eps = (x_t - alpha * x0) / sigma
+        return target(self.config.prediction, x0, eps, alpha, sigma).float()
+
+    def exact_sample(self, x_T):
+        alpha, sigma = (c.item() for c in self.schedule.alpha_sigma(torch.ones((), dtype=torch.float64)))
+        b = self.schedule.input_scale
+        z = (x_T.double() - alpha * b * self.mu) / math.sqrt(alpha**2 * (b * self.s) ** 2 + sigma**2)
+        return self.mu + self.s * z
+
+
+@pytest.mark.parametrize("name, prediction", [("cosine", "eps"), ("cosine", "v"), ("flow", "velocity"), ("flow", "v")])
+def test_loss_is_zero_for_the_oracle(name, prediction):
     x0 = torch.rand(1, 3, 8, 8) * 2 - 1
-    schedule = get_noise_schedule("cosine", input_scale=0.7)
+    schedule = get_noise_schedule(name, input_scale=0.7)
     oracle = Oracle(x0, schedule, prediction)
     g = torch.Generator().manual_seed(0)
     loss = diffusion_loss(oracle, schedule, x0.expand(64, -1, -1, -1), torch.zeros(64, dtype=torch.long), generator=g)
     assert loss < 1e-8
-    # a model predicting zeros has loss E[target^2] = 1 for both targets (unit variance)
+    # with all-zero data the eps and velocity targets are the noise itself: a model that
+    # predicts zeros has loss E[eps^2] = 1; v = alpha eps has less
     zero = Oracle(x0, schedule, prediction)
     zero.forward = lambda x_t, t, y: torch.zeros_like(x_t)
     loss = diffusion_loss(zero, schedule, torch.zeros(512, 3, 8, 8), torch.zeros(512, dtype=torch.long), generator=g)
-    assert abs(loss.item() - 1) < 0.02 if prediction == "eps" else loss.item() < 1.02
+    assert abs(loss.item() - 1) < 0.02 if prediction != "v" else loss.item() < 0.9
 
 
 def test_class_dropout_replaces_labels():
@@ -219,30 +278,60 @@ def test_class_dropout_replaces_labels():
 # --- DDIM ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v"])
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("name, params", SCHEDULES)
+SAMPLER_RUNS = [(ddim_sample, dict(eta=0.0)), (ddim_sample, dict(eta=1.0)), (dpm_solver_sample, {})]
+
+
+@pytest.mark.parametrize("sampler, kwargs", SAMPLER_RUNS, ids=["ddim", "ddim-eta1", "dpm++2m"])
+@pytest.mark.parametrize("name, params, prediction", OBJECTIVES)
 @pytest.mark.parametrize("input_scale", [1.0, 0.5])
-def test_ddim_recovers_the_image_with_an_oracle(prediction, eta, name, params, input_scale):
+def test_samplers_recover_the_image_with_an_oracle(sampler, kwargs, name, params, prediction, input_scale):
     torch.manual_seed(0)
     x0 = torch.rand(1, 3, 8, 8) * 2 - 1
     schedule = get_noise_schedule(name, input_scale=input_scale, **params)
     oracle = Oracle(x0, schedule, prediction)
     x_T = torch.randn(3, 3, 8, 8)
     y = torch.zeros(3, dtype=torch.long)
-    out, trajectory = ddim_sample(
-        oracle, schedule, x_T, y, steps=10, eta=eta, generator=torch.Generator().manual_seed(1), return_trajectory=True
+    out, trajectory = sampler(
+        oracle, schedule, x_T, y, steps=10, generator=torch.Generator().manual_seed(1), return_trajectory=True, **kwargs
     )
     assert torch.allclose(out, x0.expand_as(out), atol=1e-4), (out - x0).abs().max()
-    # The first evaluation is at t = 1 exactly, where gamma = clip_min ~ 0: the x0 predicted
-    # there must be finite and right (eps-prediction divides by sqrt(gamma) ~ 3e-5, so float32
-    # rounding of x_t limits it to ~1e-2 there; v-prediction needs no division).
+    # The first evaluation is at t = 1 exactly, where alpha is ~3e-5 (VP, clip_min) or 0 (flow):
+    # the x0 predicted there must be finite and right (eps-prediction divides by alpha, so
+    # float32 rounding of x_t limits it to ~1e-2 there; the other targets need no division).
     assert oracle.calls[0][0].item() == 1.0 and len(oracle.calls) == 10
     first = trajectory["x0_pred"][0]
     assert torch.isfinite(first).all()
     assert (first - x0).abs().max() < (2e-2 if prediction == "eps" else 1e-5)
     assert len(trajectory["x_t"]) == 11 and len(trajectory["x0_pred"]) == 10
     assert torch.equal(trajectory["x_t"][0], x_T / input_scale) and torch.equal(trajectory["x_t"][-1], out)
+
+
+@pytest.mark.parametrize("name, prediction", [("cosine", "v"), ("cosine", "eps"), ("sigmoid", "v"), ("flow", "velocity")])
+def test_order_of_accuracy(name, prediction):
+    """On Gaussian data, whose exact prediction and exact sample are known in closed form,
+    halving the step size halves DDIM's error (first order) and quarters DPM-Solver++(2M)'s
+    (second order)."""
+    schedule = get_noise_schedule(name)
+    model = GaussianOracle(mu=0.3, s=0.5, schedule=schedule, prediction=prediction)
+    x_T = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    exact = model.exact_sample(x_T)
+    y = torch.zeros(64, dtype=torch.long)
+    for sampler, (low, high) in [(ddim_sample, (1.7, 2.3)), (dpm_solver_sample, (3.4, 4.8))]:
+        errors = [(sampler(model, schedule, x_T, y, steps=n).double() - exact).abs().max().item() for n in (20, 40, 80)]
+        ratios = [errors[0] / errors[1], errors[1] / errors[2]]
+        assert all(low < r < high for r in ratios), (sampler.__name__, errors, ratios)
+    assert errors[-1] < 2e-3  # DPM-Solver++ at 80 steps
+
+
+def test_logsnr_times():
+    for name, params in SCHEDULES + [("flow", {})]:
+        schedule = get_noise_schedule(name, **params)
+        ts = logsnr_times(schedule, 10)
+        assert ts[0] == 1.0 and ts[-1] == 0.0 and (ts.diff() < 0).all()
+        alpha, sigma = schedule.alpha_sigma(ts[1:-1])
+        lambdas = alpha.log() - sigma.log()  # the inner points: -4, -3, ..., 4
+        assert torch.allclose(lambdas, torch.arange(-4.0, 5.0, dtype=torch.float64), atol=1e-9), lambdas
+    assert logsnr_times(get_noise_schedule("cosine"), 1).tolist() == [1.0, 0.0]
 
 
 def test_ddim_is_deterministic_at_eta_0_and_noisy_at_eta_1():
@@ -301,12 +390,12 @@ def test_guidance():
 # --- a tiny model really learns ---------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction", ["v", "eps"])
-def test_tiny_dit_learns_two_images(prediction):
+@pytest.mark.parametrize("name, prediction", [("cosine", "v"), ("cosine", "eps"), ("flow", "velocity")])
+def test_tiny_dit_learns_two_images(name, prediction):
     torch.manual_seed(0)
     images = torch.rand(2, 3, 8, 8).round() * 2 - 1  # two fixed, very different binary images
     model = DiT(tiny_config(n_embd=64, n_head=4, prediction=prediction))
-    schedule = get_noise_schedule("cosine")
+    schedule = get_noise_schedule(name)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     for step in range(300):
         y = torch.randint(0, 2, (32,))
@@ -317,10 +406,11 @@ def test_tiny_dit_learns_two_images(prediction):
     assert loss.item() < 0.2
     model.eval()
     y = torch.tensor([0, 1] * 4)
-    samples = ddim_sample(model, schedule, torch.randn(8, 3, 8, 8), y, steps=20, cfg_scale=2.0, clip_x0=1.0)
-    distance = ((samples[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4))  # (8 samples, 2 images)
-    own = distance[torch.arange(8), y]
-    other = distance[torch.arange(8), 1 - y]
-    assert (own < other).all(), distance
-    # the two images are ~2 apart; eps-prediction learns the high-noise end more slowly
-    assert own.max() < (0.05 if prediction == "v" else 0.5), own
+    for sampler in SAMPLERS:
+        samples = sampler(model, schedule, torch.randn(8, 3, 8, 8), y, steps=20, cfg_scale=2.0, clip_x0=1.0)
+        distance = ((samples[:, None] - images[None]) ** 2).mean(dim=(2, 3, 4))  # (8 samples, 2 images)
+        own = distance[torch.arange(8), y]
+        other = distance[torch.arange(8), 1 - y]
+        assert (own < other).all(), distance
+        # the two images are ~2 apart; eps-prediction learns the high-noise end more slowly
+        assert own.max() < (0.5 if prediction == "eps" else 0.05), (sampler.__name__, own)

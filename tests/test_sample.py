@@ -47,6 +47,8 @@ def test_deterministic(tiny_checkpoint, tmp_path):
     assert eta == run("f", "--seed=7", "--eta=1.0") and eta != a
     raw = run("g", "--seed=7", "--use_ema=False")
     assert raw != a
+    dpm = run("h", "--seed=7", "--sampler=dpm++2m")
+    assert dpm == run("i", "--seed=7", "--sampler=dpm++2m", "--batch_size=3") and dpm != a
 
 
 def test_trajectory(tiny_checkpoint, tmp_path):
@@ -65,8 +67,13 @@ def test_trajectory(tiny_checkpoint, tmp_path):
     last = trajectory.crop((margin + 2 + 4 * 10, 2, margin + 2 + 4 * 10 + 8, 10))
     assert (np.asarray(last) == np.asarray(Image.open(tmp_path / "samples" / "cat_0000.png").convert("RGB"))).all()
     proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=cat", "--steps=4", "--trajectory=True",
-                  "--trajectory_show=x0", "--out_dir=x0")
+                  "--trajectory_show=x0", "--out_dir=x0", "--sampler=dpm++2m")
     assert proc.returncode == 0 and "trajectory.png (x0)" in proc.stdout
+    trajectory = Image.open(tmp_path / "x0" / "trajectory.png").convert("RGB")
+    margin = trajectory.size[0] - (4 * 10 + 2)  # 4 frames: one x0 guess per step
+    last = trajectory.crop((margin + 2 + 3 * 10, 2, margin + 2 + 3 * 10 + 8, 10))
+    # with dpm++2m too, the last x0 guess is the sample itself
+    assert (np.asarray(last) == np.asarray(Image.open(tmp_path / "x0" / "cat_0000.png").convert("RGB"))).all()
 
 
 def test_latent_checkpoint_with_a_diffusers_vae(tiny_dataset, tmp_path):
@@ -107,6 +114,10 @@ def test_bad_input(tiny_checkpoint, tmp_path):
     assert_clean_failure(proc, "other.pt is not a nano-diffusion checkpoint")
     proc = sample(tmp_path, ck, "--steps=0")
     assert_clean_failure(proc, "steps must be at least 1")
+    proc = sample(tmp_path, ck, "--sampler=dpm++2m", "--eta=1.0")
+    assert_clean_failure(proc, "eta is DDIM's noise and dpm++2m is deterministic", "--sampler=ddim or --eta=0")
+    proc = sample(tmp_path, ck, "--sampler=heun")
+    assert_clean_failure(proc, "unknown sampler 'heun'; choose one of ddim, dpm++2m")
     proc = sample(tmp_path, ck, "--stpes=3")
     assert_clean_failure(proc, "unknown config key 'stpes'", "steps")
     assert os.listdir(tmp_path / "samples") == ["keep.png"]  # nothing written or half-written

@@ -187,6 +187,12 @@ def test_bad_input(tiny_dataset, tmp_path):
     assert_clean_failure(proc, "no out-debug/ckpt.pt", "train from scratch first")
     proc = train(tmp_path, "--init_form=resume")
     assert_clean_failure(proc, "unknown config key 'init_form'", "init_from")
+    proc = train(tmp_path, "--prediction=velocity")
+    assert_clean_failure(proc, "'velocity' is the rectified-flow target", "noise_schedule='flow'")
+    proc = train(tmp_path, "--noise_schedule=flow", "--prediction=eps")
+    assert_clean_failure(proc, "'eps' cannot work with noise_schedule='flow'", "prediction='velocity'")
+    proc = train(tmp_path, "--sampler=euler")
+    assert_clean_failure(proc, "unknown sampler 'euler'", "ddim, dpm++2m")
     assert not (tmp_path / "out-debug").exists()  # nothing written by any of these
 
     assert train(tmp_path, "--max_iters=20").returncode == 0
@@ -205,3 +211,21 @@ def test_bad_input(tiny_dataset, tmp_path):
     proc = train(tmp_path, "--out_dir=junk", "--init_from=resume")
     assert_clean_failure(proc, "junk/ckpt.pt is not a nano-diffusion checkpoint")
     assert (tmp_path / "junk" / "ckpt.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_flow_matching_end_to_end(tiny_dataset, tmp_path):
+    """The rectified-flow objective through the real scripts: train, then sample with both samplers."""
+    os.symlink(tiny_dataset, tmp_path / "data")
+    proc = train(tmp_path, "--noise_schedule=flow", "--prediction=velocity", "--t_sampling=logit_normal",
+                 "--max_iters=40", "--sampler=dpm++2m", "--sample_steps=5", "--out_dir=flow")
+    assert proc.returncode == 0, proc.stderr
+    log = losses(proc.stdout)
+    assert log[-1] < log[0], log
+    ckpt = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=False)
+    assert ckpt["noise_schedule"]["name"] == "flow" and ckpt["model_config"]["prediction"] == "velocity"
+    assert (tmp_path / "flow" / "samples_000040.png").exists()
+    for sampler in ["ddim", "dpm++2m"]:
+        proc = run_script("sample.py", "--ckpt=flow/ckpt.pt", f"--sampler={sampler}", "--steps=4", "--num_per_class=2",
+                          "--trajectory=True", f"--out_dir={sampler}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert f"{sampler} 4 steps" in proc.stdout and (tmp_path / sampler / "trajectory.png").exists()
