@@ -86,7 +86,7 @@ model = DiT(config).to(device)
 ema_model = DiT(config).to(device).requires_grad_(False).eval()
 net = torch.compile(model) if compile else model
 schedule = get_noise_schedule(noise_schedule)
-optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, fused=device_type == "cuda")
+optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.999), device_type)
 peak = peak_flops or (gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
 
 # Synthetic data of the right shape, on the device, drawn by random indices as train.py does

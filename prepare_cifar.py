@@ -13,13 +13,15 @@ class sub-folders gives a train split only.
 
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-from data import IMAGE_EXTENSIONS, DataError, encode, load_vae, one_line, to_model_space, vae_scaling, write_atomically
+from data import (
+    IMAGE_EXTENSIONS, DataError, encode, fail, load_cifar10, load_vae, read_images, resize_crop, to_model_space,
+    vae_scaling, write_atomically,
+)
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -38,30 +40,6 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 # -----------------------------------------------------------------------------
 
 
-def fail(message):
-    sys.exit(f"error: {message}")
-
-
-def progress(what, done, total, t0):
-    rate = done / max(time.time() - t0, 1e-9)
-    print(f"{what}: {done}/{total} images, {rate:.0f} images/s", flush=True)
-
-
-def to_size(image):
-    """PIL image -> uint8 (3, image_size, image_size): shorter side resized, centre cropped."""
-    from PIL import Image
-
-    image = image.convert("RGB")
-    if image.size != (image_size, image_size):
-        w, h = image.size
-        scale = image_size / min(w, h)
-        image = image.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))), Image.BICUBIC)
-        w, h = image.size
-        left, top = (w - image_size) // 2, (h - image_size) // 2
-        image = image.crop((left, top, left + image_size, top + image_size))
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-
-
 def take_subset(labels, n):
     """Indices of the first n images, round-robin over classes so that every class appears."""
     if not n or n >= len(labels):
@@ -71,76 +49,48 @@ def take_subset(labels, n):
     return np.sort(np.array(order[:n]))
 
 
-def load_cifar10():
-    """{'train': (images uint8 (N, 3, H, W), labels), 'test': ...}, class names."""
-    import torchvision
+def load_cifar10_splits():
+    """{'train': (uint8 images (N, 3, H, W), labels), 'test': ...}, class names."""
+    from PIL import Image
 
     splits = {}
     for split in ["train", "test"]:
-        try:
-            dataset = torchvision.datasets.CIFAR10(download_dir, train=(split == "train"), download=True)
-        except Exception as e:
-            fail(
-                f"could not download CIFAR-10 to {download_dir} ({one_line(e)}); "
-                "without network, pass an image folder with --source=path/to/folder"
-            )
-        labels = np.array(dataset.targets)
-        keep = take_subset(labels, subset)
-        images = torch.from_numpy(dataset.data[keep]).permute(0, 3, 1, 2)  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+        images, labels, classes = load_cifar10(download_dir, split)
+        keep = take_subset(labels.numpy(), subset)
+        images = images[keep]
         if image_size != 32:
-            from PIL import Image
-
-            images = torch.stack([to_size(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in images])
-        splits[split] = (images.contiguous(), torch.from_numpy(labels[keep]).long())
-    return splits, dataset.classes
-
-
-def list_class_folders(folder):
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
-    if not classes:
-        fail(f"{folder} has no class sub-folders; expected {folder}/<class name>/<image files>")
-    return classes
+            resized = [np.asarray(resize_crop(Image.fromarray(x.permute(1, 2, 0).numpy()), image_size)) for x in images]
+            images = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous()
+        splits[split] = (images, labels[keep])
+    return splits, classes
 
 
 def load_folder_split(folder, classes, what):
-    from PIL import Image
-
+    """The images of folder/<class>/ for every class -> (uint8 images, labels)."""
     files, labels = [], []
     for label, name in enumerate(classes):
-        class_dir = os.path.join(folder, name)
-        if not os.path.isdir(class_dir):
-            fail(f"{folder} has no sub-folder '{name}', but the train split has that class")
-        names = sorted(f for f in os.listdir(class_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
-        files += [os.path.join(class_dir, f) for f in names]
+        if not os.path.isdir(os.path.join(folder, name)):
+            raise DataError(f"{folder} has no sub-folder '{name}', but the train split has that class")
+        names = sorted(f for f in os.listdir(os.path.join(folder, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files += [os.path.join(folder, name, f) for f in names]
         labels += [label] * len(names)
     if not files:
-        fail(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
-    labels = np.array(labels)
-    keep = take_subset(labels, subset)
-    images, t0 = [], time.time()
-    for i, idx in enumerate(keep):
-        try:
-            with Image.open(files[idx]) as image:
-                images.append(to_size(image))
-        except Exception as e:
-            fail(f"cannot read image {files[idx]} ({one_line(e)}); remove or replace it")
-        if (i + 1) % 10000 == 0 or i + 1 == len(keep):
-            progress(f"reading {what}", i + 1, len(keep), t0)
-    return torch.stack(images), torch.from_numpy(labels[keep]).long()
+        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
+    keep = take_subset(np.array(labels), subset)
+    return read_images([files[i] for i in keep], image_size, what), torch.tensor(labels)[keep]
 
 
 def load_folder():
+    """{'train': ..., 'test': ...} (test only with train/ and test/ sub-folders), class names."""
     if not os.path.isdir(source):
-        fail(f"--source={source} is not a folder (nor 'cifar10'); give a folder of class sub-folders")
-    if os.path.isdir(os.path.join(source, "train")):
-        train_dir = os.path.join(source, "train")
-        classes = list_class_folders(train_dir)
-        splits = {"train": load_folder_split(train_dir, classes, "train")}
-        if os.path.isdir(os.path.join(source, "test")):
-            splits["test"] = load_folder_split(os.path.join(source, "test"), classes, "test")
-        return splits, classes
-    classes = list_class_folders(source)
-    return {"train": load_folder_split(source, classes, "train")}, classes
+        raise DataError(f"--source={source} is not a folder (nor 'cifar10'); give a folder of class sub-folders")
+    split_dirs = {s: os.path.join(source, s) for s in ["train", "test"] if os.path.isdir(os.path.join(source, s))}
+    if "train" not in split_dirs:
+        split_dirs = {"train": source}
+    classes = sorted(d for d in os.listdir(split_dirs["train"]) if os.path.isdir(os.path.join(split_dirs["train"], d)) and not d.startswith("."))
+    if not classes:
+        raise DataError(f"{split_dirs['train']} has no class sub-folders; expected {split_dirs['train']}/<class name>/<image files>")
+    return {split: load_folder_split(folder, classes, split) for split, folder in split_dirs.items()}, classes
 
 
 def encode_split(vae_model, images, labels, what, with_flips):
@@ -153,60 +103,37 @@ def encode_split(vae_model, images, labels, what, with_flips):
             batches.append(encode(vae_model, view[i : i + batch_size]).cpu())
             done = sum(len(b) for b in batches)
             if done % (20 * batch_size) < batch_size or done == total:
-                progress(f"encoding {what}", done, total, t0)
+                print(f"encoding {what}: {done}/{total} images, {done / (time.time() - t0):.0f} images/s", flush=True)
     return torch.cat(batches), labels.repeat(len(views))
 
 
 def default_name(source_name):
-    parts = [source_name]
-    if vae == "none":
-        parts.append("pixels")
-        if image_size != 32:
-            parts.append(str(image_size))
-    else:
-        parts += [os.path.basename(os.path.normpath(vae)), str(image_size)]
-    if subset:
-        parts.append(f"subset{subset}")
-    return "_".join(parts)
-
-
-def folder_size(folder):
-    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+    parts = [source_name] + (["pixels"] + ([str(image_size)] if image_size != 32 else []) if vae == "none"
+                             else [os.path.basename(os.path.normpath(vae)), str(image_size)])
+    return "_".join(parts + ([f"subset{subset}"] if subset else []))
 
 
 # -----------------------------------------------------------------------------
 t_start = time.time()
 if image_size < 8:
     fail(f"image_size must be at least 8, got {image_size}")
-# Load the VAE first: if that fails, fail before minutes of image decoding.
-vae_model = None
+vae_model = None  # loaded first: if that fails, fail before minutes of image decoding
 if vae != "none":
     print(f"loading VAE {vae} on {device}")
     try:
         vae_model = load_vae(vae, device)
     except DataError as e:
         fail(f"{e}, or --vae=none to keep pixels")
-if source == "cifar10":
-    splits, classes = load_cifar10()
-    source_name = "cifar10"
-else:
-    splits, classes = load_folder()
-    source_name = os.path.basename(os.path.normpath(source))
-name = out or default_name(source_name)
-final_dir = os.path.join(data_dir, name)
-
-meta = dict(
-    kind="pixels" if vae_model is None else "latents",
-    source=source,
-    image_size=image_size,
-    classes=list(classes),
-    num_classes=len(classes),
-    splits=list(splits),
-)
+try:
+    splits, classes = load_cifar10_splits() if source == "cifar10" else load_folder()
+except DataError as e:
+    fail(str(e))
+name = out or default_name("cifar10" if source == "cifar10" else os.path.basename(os.path.normpath(source)))
+meta = dict(kind="pixels" if vae_model is None else "latents", source=source, image_size=image_size,
+            classes=list(classes), num_classes=len(classes), splits=list(splits))
 tensors = {}
 if vae_model is None:
-    for split, (images, labels) in splits.items():
-        tensors[split] = dict(x=images, labels=labels)
+    tensors = {split: dict(x=images, labels=labels) for split, (images, labels) in splits.items()}
     meta.update(channels=3, shape=[3, image_size, image_size], flipped_copies=False, clip_x0=1.0)
 else:
     for split, (images, labels) in splits.items():
@@ -215,15 +142,10 @@ else:
     train_latents = tensors["train"]["x"]
     scale, shift = vae_scaling(vae_model)
     meta.update(
-        channels=train_latents.shape[1],
-        shape=list(train_latents.shape[1:]),
-        vae=vae,
-        scaling_factor=scale,
-        shift_factor=shift,
+        channels=train_latents.shape[1], shape=list(train_latents.shape[1:]), vae=vae, scaling_factor=scale,
+        shift_factor=shift, flipped_copies=bool(flip),
         # train.py normalises each channel with these; sample.py undoes it before decoding
-        latent_mean=train_latents.mean(dim=(0, 2, 3)).tolist(),
-        latent_std=train_latents.std(dim=(0, 2, 3)).tolist(),
-        flipped_copies=bool(flip),
+        latent_mean=train_latents.mean(dim=(0, 2, 3)).tolist(), latent_std=train_latents.std(dim=(0, 2, 3)).tolist(),
     )
     # the largest |value| of the normalised train latents: samplers clip predicted x0 to it
     meta["clip_x0"] = to_model_space(train_latents, meta).abs().max().item()
@@ -232,14 +154,18 @@ else:
 meta["counts"] = {split: len(t["labels"]) for split, t in tensors.items()}
 meta["dtype"] = str(tensors["train"]["x"].dtype).replace("torch.", "")
 
+
 def write(tmp_dir):
     for split, blob in tensors.items():
         torch.save(blob, os.path.join(tmp_dir, f"{split}.pt"))
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
 
+
+final_dir = os.path.join(data_dir, name)
 write_atomically(final_dir, write)
-print(f"wrote {final_dir} in {time.time() - t_start:.1f} s, {folder_size(final_dir) / 2**20:.1f} MiB:")
+size = sum(os.path.getsize(os.path.join(final_dir, f)) for f in os.listdir(final_dir))
+print(f"wrote {final_dir} in {time.time() - t_start:.1f} s, {size / 2**20:.1f} MiB:")
 for split, blob in tensors.items():
     print(f"  {split}: x {tuple(blob['x'].shape)} {meta['dtype']}, labels {tuple(blob['labels'].shape)} int64")
 print(f"  {meta['num_classes']} classes: {', '.join(classes)}")

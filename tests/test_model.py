@@ -376,10 +376,13 @@ def test_guidance():
     cond = model(x, t, y)
     uncond = model(x, t, torch.full_like(y, 4))
     assert torch.equal(guided_prediction(model, x, t, y, cfg_scale=1.0), cond)
+    # The batched pass runs other matmul shapes than two separate passes: equal up to float32
+    # rounding, which is relative to the size of the values (~10 here).
+    scale = cond.abs().max().item()
     for cfg_scale in [0.0, 1.5, 4.0]:
         batched = guided_prediction(model, x, t, y, cfg_scale)
-        assert torch.allclose(batched, uncond + cfg_scale * (cond - uncond), atol=1e-5)
-    assert torch.allclose(guided_prediction(model, x, t, y, 0.0), uncond, atol=1e-5)
+        assert torch.allclose(batched, uncond + cfg_scale * (cond - uncond), rtol=1e-5, atol=1e-5 * scale * (1 + cfg_scale))
+    assert torch.allclose(guided_prediction(model, x, t, y, 0.0), uncond, rtol=1e-5, atol=1e-5 * scale)
 
     calls = []
     model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))

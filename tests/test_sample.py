@@ -122,3 +122,28 @@ def test_bad_input(tiny_checkpoint, tmp_path):
     assert_clean_failure(proc, "unknown config key 'stpes'", "steps")
     assert os.listdir(tmp_path / "samples") == ["keep.png"]  # nothing written or half-written
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+class Trap:
+    """Pickles as a call of open(path, 'w'): loading it with weights_only=False creates the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_booby_trapped_checkpoint_is_refused_unread(tiny_dataset, tmp_path):
+    marker = tmp_path / "the-trap-ran"
+    (tmp_path / "out").mkdir()
+    torch.save({"model": Trap(str(marker)), "ema": {}}, tmp_path / "out" / "ckpt.pt")
+    os.symlink(tiny_dataset, tmp_path / "data")
+    for script, args in [("sample.py", ["--ckpt=out/ckpt.pt"]), ("fid.py", ["--ckpt=out/ckpt.pt", "--num_samples=4"]),
+                         ("train.py", [os.path.join(REPO, "config", "train_debug.py"), "--dataset=tiny", "--out_dir=out",
+                                       "--init_from=resume"])]:
+        proc = run_script(script, *args, cwd=tmp_path)
+        assert_clean_failure(proc, "out/ckpt.pt would build the Python object io.open", "can run code", "not loaded")
+        assert not marker.exists(), script
+    torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)  # the trap is real: unsafe loading runs it
+    assert marker.exists()

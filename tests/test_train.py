@@ -1,5 +1,6 @@
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def test_train_end_to_end_with_mlflow(tiny_dataset, tmp_path):
     grid = Image.open(out / "samples_000200.png")
     assert grid.size == (2 * 10 + 2, 3 * 10 + 2)  # 2 columns x 3 classes of 8x8, 2-pixel padding
 
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 200 and ckpt["meta"]["classes"] == ["cat", "dog", "frog"]
     assert ckpt["config"]["max_iters"] == 200 and ckpt["model_config"]["n_layer"] == 2
     assert set(ckpt) >= {"model", "ema", "optimizer", "rng", "best_val_loss", "mlflow_run_id"}
@@ -72,13 +73,13 @@ def test_resume_is_exact(tiny_dataset, tmp_path):
     assert straight.returncode == 0, straight.stderr
     first = train(tmp_path, *common, "--max_iters=20", "--out_dir=halves")
     assert first.returncode == 0, first.stderr
-    run_id = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=False)["mlflow_run_id"]
+    run_id = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)["mlflow_run_id"]
     second = train(tmp_path, *common, "--max_iters=40", "--out_dir=halves", "--init_from=resume")
     assert second.returncode == 0, second.stderr
     assert "iter 30: loss" in second.stdout and "iter 10: loss" not in second.stdout
 
-    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=False)
-    b = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=False)
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "halves" / "ckpt.pt", weights_only=True)
     assert a["iter_num"] == b["iter_num"] == 40
     for key in ["model", "ema"]:
         for name in a[key]:
@@ -117,7 +118,7 @@ def test_ddp_with_torchrun(tiny_dataset, tmp_path):
     assert "batch 16 = 2 processes x 1 steps x 8" in proc.stdout
     assert "weights identical on all 2 processes: True" in proc.stdout
     assert proc.stdout.count("iter 40: loss") == 1  # only rank 0 logs
-    ckpt = torch.load(tmp_path / out / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / out / "ckpt.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])
     the_only_run(mlflow_client(f"sqlite:///{tmp_path}/mlflow.db"), experiment)  # only rank 0 logs to MLflow
 
@@ -221,7 +222,7 @@ def test_flow_matching_end_to_end(tiny_dataset, tmp_path):
     assert proc.returncode == 0, proc.stderr
     log = losses(proc.stdout)
     assert log[-1] < log[0], log
-    ckpt = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "flow" / "ckpt.pt", weights_only=True)
     assert ckpt["noise_schedule"]["name"] == "flow" and ckpt["model_config"]["prediction"] == "velocity"
     assert (tmp_path / "flow" / "samples_000040.png").exists()
     for sampler in ["ddim", "dpm++2m"]:
@@ -229,3 +230,87 @@ def test_flow_matching_end_to_end(tiny_dataset, tmp_path):
                           "--trajectory=True", f"--out_dir={sampler}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert f"{sampler} 4 steps" in proc.stdout and (tmp_path / sampler / "trajectory.png").exists()
+
+
+# --- preemption and several machines ------------------------------------------------------
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def start(cwd, *args, torchrun=()):
+    """train.py (under torchrun with its arguments) as a running process whose output
+    (stderr merged in) can be read as it comes. One thread per process under torchrun; a
+    single process gets the two of run_script, so that its arithmetic is the same."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else "2")
+    return subprocess.Popen([*(TORCHRUN + list(torchrun) if torchrun else [sys.executable]), os.path.join(REPO, "train.py"),
+                             *TINY, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(proc, text):
+    """The output lines up to and including the first that holds text."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return "".join(lines)
+    raise AssertionError(f"{text!r} never came:\n" + "".join(lines)[-3000:])
+
+
+def weights(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt, {f"{key}.{name}": t for key in ("model", "ema") for name, t in ckpt[key].items()}
+
+
+def test_sigterm_saves_and_resume_is_exact(tiny_dataset, tmp_path):
+    """SIGTERM (how SLURM or Kubernetes stop a job): the step finishes, ckpt.pt is saved with
+    the real random state, the exit code says SIGTERM, and resuming continues bit-exactly."""
+    os.symlink(tiny_dataset, tmp_path / "data")
+    common = ["--lr_decay_iters=400", "--warmup_iters=5", "--log_interval=5", "--eval_interval=1000", "--dropout=0.1"]
+    proc = start(tmp_path, *common, "--max_iters=100000", "--out_dir=stopped")
+    output = wait_for(proc, "iter 20: loss")
+    proc.send_signal(signal.SIGTERM)
+    output += proc.communicate(timeout=300)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    stopped_at = int(re.search(r"stopped at iter (\d+) by SIGTERM; saved stopped/ckpt.pt, continue with --init_from=resume",
+                               output).group(1))
+    ckpt, _ = weights(tmp_path / "stopped" / "ckpt.pt")
+    assert stopped_at >= 20 and ckpt["iter_num"] == stopped_at and len(ckpt["rng"]) == 1
+    resumed = train(tmp_path, *common, f"--max_iters={stopped_at + 10}", "--out_dir=stopped", "--init_from=resume")
+    straight = train(tmp_path, *common, f"--max_iters={stopped_at + 10}", "--out_dir=straight")
+    assert resumed.returncode == 0 and straight.returncode == 0, resumed.stderr + straight.stderr
+    (a, wa), (b, wb) = weights(tmp_path / "straight" / "ckpt.pt"), weights(tmp_path / "stopped" / "ckpt.pt")
+    assert a["iter_num"] == b["iter_num"] == stopped_at + 10
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # bit-identical
+
+
+def test_sigterm_under_torchrun_every_rank_saves(tiny_dataset, tmp_path):
+    """torchrun passes SIGTERM to every rank; they agree at the next log step, save one
+    checkpoint with both ranks' random states, and the resumed run ends in step."""
+    os.symlink(tiny_dataset, tmp_path / "data")
+    launcher = ["--standalone", "--nproc_per_node=2"]
+    proc = start(tmp_path, "--max_iters=100000", "--log_interval=5", "--eval_interval=1000", "--out_dir=ddp", torchrun=launcher)
+    output = wait_for(proc, "iter 10: loss")
+    proc.send_signal(signal.SIGTERM)
+    output += proc.communicate(timeout=300)[0]
+    match = re.search(r"stopped at iter (\d+) by SIGTERM", output)
+    assert match and output.count("stopped at iter") == 1, output[-3000:]  # rank 0 speaks for both
+    ckpt, _ = weights(tmp_path / "ddp" / "ckpt.pt")
+    assert ckpt["iter_num"] == int(match.group(1)) and ckpt["iter_num"] % 5 == 0  # agreed at a log step
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])
+    proc = start(tmp_path, f"--max_iters={ckpt['iter_num'] + 10}", "--out_dir=ddp", "--init_from=resume", torchrun=launcher)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "weights identical on all 2 processes: True" in output, output[-3000:]
+
+
+def test_two_nodes_on_one_machine(tiny_dataset, tmp_path):
+    """Two torchrun launches, as on two machines, meeting at a c10d rendezvous on 127.0.0.1."""
+    os.symlink(tiny_dataset, tmp_path / "data")
+    endpoint = f"--rdzv_endpoint=127.0.0.1:{free_port()}"
+    launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", endpoint, "--rdzv_id=nano"]
+    nodes = [start(tmp_path, "--max_iters=20", "--out_dir=two", torchrun=launcher) for _ in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][-2000:] + outputs[1][-2000:]
+    output = "".join(outputs)
+    assert "batch 16 = 2 processes x 1 steps x 8" in output
+    assert output.count("weights identical on all 2 processes: True") == 1  # printed by global rank 0 only
+    assert (tmp_path / "two" / "ckpt.pt").exists()
