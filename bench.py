@@ -1,6 +1,6 @@
 """
 Measure speed on synthetic data, as nanoGPT's bench.py does: one training step (loss,
-backward, clipping, fused AdamW, EMA) and DDIM sampling with guidance, without data
+backward, clipping, fused AdamW, EMA) and sampling with guidance (DDIM or DPM-Solver++), without data
 files, evaluation or logging. Prints a table: ms per step, images/s, achieved TFLOP/s,
 MFU and peak memory.
 
@@ -17,7 +17,8 @@ import sys
 import time
 import torch
 
-from model import DiT, DiTConfig, autocast_context, ddim_sample, diffusion_loss, get_noise_schedule, gpu_peak_flops
+from data import fail
+from model import SAMPLERS, DiT, DiTConfig, autocast_context, diffusion_loss, get_noise_schedule, gpu_peak_flops
 
 # -----------------------------------------------------------------------------
 # default config values (with no config file on the command line, config/train_cifar_pixels.py is read first)
@@ -37,8 +38,9 @@ input_shape = ()  # (C, H, W): overrides the dataset's shape, e.g. --input_shape
 num_classes = 10
 warmup_steps = 10  # untimed steps first (torch.compile compiles here)
 bench_steps = 30  # timed training steps
-bench_sampling = True  # also time DDIM sampling
+bench_sampling = True  # also time sampling
 sample_batch_size = 256  # images per sampling batch (x2 inside the model with guidance)
+sampler = "ddim"  # 'ddim' or 'dpm++2m'
 sample_steps = 50
 sample_cfg_scale = 1.5
 device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -64,9 +66,11 @@ elif os.path.exists(meta_path):
 elif dataset in KNOWN_SHAPES:
     shape = KNOWN_SHAPES[dataset]
 else:
-    sys.exit(f"error: no {meta_path} to read the input shape from; pass --input_shape=C,H,W")
+    fail(f"no {meta_path} to read the input shape from; pass --input_shape=C,H,W")
 if len(shape) != 3 or shape[1] != shape[2]:
-    sys.exit(f"error: input_shape must be C,H,W with H == W, got {shape}")
+    fail(f"input_shape must be C,H,W with H == W, got {shape}")
+if sampler not in SAMPLERS:
+    fail(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 torch.manual_seed(seed)
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
@@ -81,7 +85,7 @@ try:
         n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=num_classes, dropout=dropout, prediction=prediction,
     )
 except ValueError as e:
-    sys.exit(f"error: {e}")
+    fail(str(e))
 model = DiT(config).to(device)
 ema_model = DiT(config).to(device).requires_grad_(False).eval()
 net = torch.compile(model) if compile else model
@@ -129,7 +133,7 @@ if bench_sampling:
 
     def sample():
         with autocast:
-            ddim_sample(net, schedule, x_T, y, steps=sample_steps, cfg_scale=sample_cfg_scale)
+            SAMPLERS[sampler](net, schedule, x_T, y, steps=sample_steps, cfg_scale=sample_cfg_scale)
 
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -138,7 +142,7 @@ if bench_sampling:
     passes = 2 if sample_cfg_scale != 1.0 else 1  # cond + uncond in one batch
     flops = sample_batch_size * sample_steps * passes * model.flops_per_image(training=False)
     sample_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
-    rows.append((f"DDIM {sample_steps} steps, cfg {sample_cfg_scale}", sample_batch_size, sample_time, flops, sample_memory))
+    rows.append((f"{sampler} {sample_steps} steps, cfg {sample_cfg_scale}", sample_batch_size, sample_time, flops, sample_memory))
 
 device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device
 print(

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -172,14 +173,10 @@ def load_vae(name_or_path, device="cpu"):
     """A diffusers AutoencoderKL from the Hugging Face hub or a local folder, frozen, in eval mode."""
     try:
         from diffusers import AutoencoderKL  # imported here: 1-3 s, and only latent data needs it
+        from diffusers.utils import logging as diffusers_logging
+        from huggingface_hub.utils import logging as hub_logging
     except ImportError as e:
         raise DataError("latent data needs diffusers: pip install diffusers") from e
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-
-    from huggingface_hub.utils import logging as hub_logging
-
     diffusers_logging.set_verbosity_error()  # our own message says what went wrong
     hub_logging.set_verbosity_error()  # (including the hub's retry lines when offline)
     try:
@@ -213,22 +210,16 @@ def encode(vae, images):
 
 
 @torch.no_grad()
-def decode(vae, z, meta):
-    """Normalised latents (model space) -> uint8 images: undo the per-channel
-    normalisation, then the scaling convention, then run the VAE's decoder."""
-    mean, std = latent_stats(meta, z.device)
-    z = z.float() * std + mean
-    latent = z / meta["scaling_factor"] + meta["shift_factor"]
-    return to_uint8(vae.decode(latent.to(vae.device)).sample)
-
-
 def to_images(x, meta, vae=None):
-    """Model-space samples -> uint8 images, decoding latents with the VAE."""
+    """Model-space samples -> uint8 images. Latents: undo the per-channel normalisation,
+    then the VAE's scaling convention, then run its decoder."""
     if meta["kind"] == "pixels":
         return to_uint8(x)
     if vae is None:
         raise DataError("latent samples need the VAE to become images")
-    return decode(vae, x, meta)
+    mean, std = latent_stats(meta, x.device)
+    latent = (x.float() * std + mean) / meta["scaling_factor"] + meta["shift_factor"]
+    return to_uint8(vae.decode(latent.to(vae.device)).sample)
 
 
 def image_grid(images, nrow):

@@ -49,20 +49,9 @@ class DiTConfig:
         if self.prediction not in ("v", "eps", "velocity"):
             raise ValueError(f"prediction must be 'v', 'eps' or 'velocity', got {self.prediction!r}")
         if self.input_size % self.patch_size:
-            raise ValueError(
-                f"input size {self.input_size} is not divisible by patch_size {self.patch_size}"
-            )
+            raise ValueError(f"input size {self.input_size} is not divisible by patch_size {self.patch_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-
-
-# Sizes of the DiT paper (Peebles & Xie 2022, Table 1): config files set these three numbers.
-DIT_PRESETS = {
-    "S": dict(n_layer=12, n_head=6, n_embd=384),
-    "B": dict(n_layer=12, n_head=12, n_embd=768),
-    "L": dict(n_layer=24, n_head=16, n_embd=1024),
-    "XL": dict(n_layer=28, n_head=16, n_embd=1152),
-}
 
 
 def sincos_pos_embed_2d(n_embd, grid_size):
@@ -172,9 +161,7 @@ class DiT(nn.Module):
         D, p = config.n_embd, config.patch_size
         self.grid_size = config.input_size // p
         self.patch_embed = nn.Conv2d(config.in_channels, D, kernel_size=p, stride=p)
-        self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(D, self.grid_size)[None], persistent=False
-        )  # (1, N, D)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, self.grid_size)[None], persistent=False)  # (1, N, D)
         self.t_freq_dim = 256
         self.t_embedder = nn.Sequential(nn.Linear(self.t_freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         # adaLN-single: ONE linear layer makes the 6 modulation vectors for all blocks
@@ -194,9 +181,8 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
-        nn.init.normal_(self.class_embed.weight, std=0.02)
+        for weight in [self.t_embedder[0].weight, self.t_embedder[2].weight, self.class_embed.weight]:
+            nn.init.normal_(weight, std=0.02)
         # Zero the shared modulation, and give each block random shifts/scales but zero
         # gates: every block starts as the identity, and the output layer starts at zero.
         nn.init.zeros_(self.t_block[1].weight)
@@ -246,20 +232,10 @@ class DiT(nn.Module):
         D, L, p, C = c.n_embd, c.n_layer, c.patch_size, c.in_channels
         N = self.grid_size**2
         hidden = int(D * c.mlp_ratio)
-        per_block = (
-            2 * N * D * 3 * D  # qkv
-            + 2 * D * 2 * D  # class token k, v
-            + 2 * 2 * N * (N + 1) * D  # q @ k^T and attn @ v over N+1 keys
-            + 2 * N * D * D  # attention output projection
-            + 2 * 2 * N * D * hidden  # MLP
-        )
-        forward = (
-            2 * N * (C * p * p) * D  # patch embedding
-            + 2 * (self.t_freq_dim * D + D * D)  # timestep MLP
-            + 2 * D * 6 * D  # adaLN-single
-            + L * per_block
-            + 2 * N * D * (p * p * C)  # output layer
-        )
+        # qkv, the class token's k and v, q @ k^T and attention @ v over N+1 keys, projection, MLP
+        per_block = 2 * N * D * 3 * D + 2 * D * 2 * D + 2 * 2 * N * (N + 1) * D + 2 * N * D * D + 2 * 2 * N * D * hidden
+        # patch embedding, timestep MLP, adaLN-single, the blocks, output layer
+        forward = 2 * N * C * p * p * D + 2 * (self.t_freq_dim * D + D * D) + 2 * D * 6 * D + L * per_block + 2 * N * D * p * p * C
         return 3 * forward if training else forward
 
 
@@ -478,9 +454,7 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, return
 
 
 @torch.no_grad()
-def ddim_sample(
-    model, noise_schedule, x_T, y, steps=50, cfg_scale=1.0, eta=0.0, generator=None, return_trajectory=False, clip_x0=None,
-):
+def ddim_sample(model, noise_schedule, x_T, y, steps=50, cfg_scale=1.0, eta=0.0, generator=None, return_trajectory=False, clip_x0=None):
     """DDIM (Song et al. 2020, arXiv 2010.02502) from t=1 to t=0 in `steps` model evaluations,
     evenly spaced in t. eta=0 is deterministic, eta=1 adds DDPM-like noise at every step
     (drawn from generator). x_T (B, C, H, W) standard normal noise; y (B,) class ids
@@ -491,9 +465,7 @@ def ddim_sample(
 
 
 @torch.no_grad()
-def dpm_solver_sample(
-    model, noise_schedule, x_T, y, steps=20, cfg_scale=1.0, generator=None, return_trajectory=False, clip_x0=None,
-):
+def dpm_solver_sample(model, noise_schedule, x_T, y, steps=20, cfg_scale=1.0, generator=None, return_trajectory=False, clip_x0=None):
     """DPM-Solver++(2M) (Lu et al. 2022): multistep, second order, on the data prediction,
     with a first-order (DDIM) first and last step, over logsnr_times. Deterministic (generator
     is unused); otherwise the arguments and the result are ddim_sample's."""
@@ -540,7 +512,4 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
 
 def gpu_peak_flops(device_name):
     """Peak bf16 FLOP/s of a GPU by (part of) its name, e.g. 'NVIDIA H100 80GB HBM3'; None if unknown."""
-    for name, flops in GPU_PEAK_FLOPS.items():
-        if name in device_name:
-            return flops
-    return None
+    return next((flops for name, flops in GPU_PEAK_FLOPS.items() if name in device_name), None)

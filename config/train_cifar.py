@@ -5,7 +5,7 @@
 #   python train.py config/train_cifar.py
 out_dir = "out-cifar"
 dataset = "cifar10_vae-kl-f8-d16_32"
-n_layer, n_head, n_embd = 12, 12, 768  # DiT-B (model.DIT_PRESETS)
+n_layer, n_head, n_embd = 12, 12, 768  # DiT-B (Peebles & Xie 2022, Table 1)
 patch_size = 1
 batch_size = 256
 learning_rate = 1e-4

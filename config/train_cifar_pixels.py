@@ -3,7 +3,7 @@
 #   python train.py config/train_cifar_pixels.py            (or: torchrun --standalone --nproc_per_node=8 train.py ...)
 out_dir = "out-cifar-pixels"
 dataset = "cifar10_pixels"
-n_layer, n_head, n_embd = 12, 12, 768  # DiT-B (model.DIT_PRESETS)
+n_layer, n_head, n_embd = 12, 12, 768  # DiT-B (Peebles & Xie 2022, Table 1)
 patch_size = 2
 batch_size = 256
 learning_rate = 2e-4

@@ -81,11 +81,11 @@ def test_latents_with_a_real_diffusers_vae(tmp_path):
         expected = (torch.cat([latent, flipped]) - 0.1) * 0.5
         assert torch.allclose(stored, expected, atol=2e-3, rtol=2e-3)
         # decode(encode): the stored, normalised latents decode to what diffusers decodes
-        from data import decode, to_model_space, to_uint8
+        from data import to_images, to_model_space, to_uint8
 
         normalised = to_model_space(stored[:12], meta)
         assert torch.allclose(normalised.mean(dim=(0, 2, 3)), torch.zeros(4), atol=0.3)
-        ours = decode(vae, normalised, meta)
+        ours = to_images(normalised, meta, vae)
         theirs = to_uint8(vae.decode(latent).sample)
         assert (ours.int() - theirs.int()).abs().max() <= 2
 
