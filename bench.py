@@ -11,13 +11,12 @@ MFU and peak memory.
 A train config file may set keys bench.py does not use (out_dir, ema_decay, ...): they are ignored.
 """
 
-import json
 import os
 import sys
 import time
 import torch
 
-from data import fail
+from data import fail, load_meta
 from model import SAMPLERS, DiT, DiTConfig, autocast_context, diffusion_loss, get_noise_schedule, gpu_peak_flops
 
 # -----------------------------------------------------------------------------
@@ -60,8 +59,7 @@ meta_path = os.path.join(data_dir, dataset, "meta.json")
 if input_shape:
     shape = tuple(input_shape)
 elif os.path.exists(meta_path):
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = load_meta(os.path.dirname(meta_path))
     shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
 elif dataset in KNOWN_SHAPES:
     shape = KNOWN_SHAPES[dataset]
@@ -75,8 +73,7 @@ if sampler not in SAMPLERS:
 torch.manual_seed(seed)
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 autocast = autocast_context(device, dtype)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 try:

@@ -14,13 +14,10 @@ which overrides them from the command line, left to right:
   as the raw text when the default is a string (--device=cuda, --classes=cat,dog).
 
 An unknown key, a value of the wrong type or a missing config file ends the program
-with one line on stderr and exit status 1. `--help` lists every key with its default.
-(A script that reads another script's config files sets
-_config_files_may_set_other_keys = True: unknown keys in files are then skipped.)
-Afterwards `config_keys` names the keys (every module-level value of a config type
-defined before this runs, except _private and UPPER_CASE names), for scripts that log
-or save their config.
-This file is exec'd inside the script, so its own names start with an underscore.
+with one line on stderr and exit status 1; `--help` lists every key with its default.
+Afterwards `config_keys` names the keys (module-level values of a config type, except
+_private and UPPER_CASE names). A script that reads another's config files sets
+_config_files_may_set_other_keys = True. Its own names start with _: it runs in the script.
 """
 
 import ast as _ast
@@ -56,36 +53,24 @@ def _checked_value(key, value, source):
             value = (value,)  # --classes=3 for a tuple key
         if isinstance(value, (tuple, list)):
             return type(default)(value)
-    _config_error(
-        f"{key} ({source}) expects {type(default).__name__} like {default!r}, "
-        f"got {type(value).__name__} {value!r}"
-    )
+    _config_error(f"{key} ({source}) expects {type(default).__name__} like {default!r}, got {type(value).__name__} {value!r}")
 
 
 def _parse_value(key, text):
-    if key in config_keys and isinstance(globals()[key], str):
-        # strings stay as typed, unless quoted: --device=cuda, --classes=3,5, --name="'x'"
-        try:
-            quoted = _ast.literal_eval(text)
-            return quoted if isinstance(quoted, str) else text
-        except (ValueError, SyntaxError):
-            return text
+    """A Python literal; for a string key the text as typed unless quoted (--device=cuda,
+    --classes=3,5, --name="'x'"); a bare word stays text and the type check judges it."""
     try:
-        return _ast.literal_eval(text)
+        value = _ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text  # a bare word; the type check says whether a string fits here
-
-
-def _print_help():
-    print(f"usage: python {_sys.argv[0]} [config_file.py ...] [--key=value ...]\n\nconfig keys and defaults:")
-    for _key in config_keys:
-        print(f"  --{_key}={globals()[_key]!r}")
-    _sys.exit(0)
+        return text
+    return text if key in config_keys and isinstance(globals()[key], str) and not isinstance(value, str) else value
 
 
 for _arg in _sys.argv[1:]:
     if _arg in ("-h", "--help"):
-        _print_help()
+        print(f"usage: python {_sys.argv[0]} [config_file.py ...] [--key=value ...]\n\nconfig keys and defaults:")
+        print("\n".join(f"  --{_k}={globals()[_k]!r}" for _k in config_keys))
+        _sys.exit(0)
     elif _arg.startswith("--"):
         if "=" not in _arg:
             _config_error(f"'{_arg}' has no value; write {_arg}=VALUE")

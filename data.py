@@ -68,9 +68,8 @@ def load_cifar10(download_dir, split):
     try:
         dataset = torchvision.datasets.CIFAR10(download_dir, train=split == "train", download=True)
     except Exception as e:
-        raise DataError(
-            f"could not download CIFAR-10 to {download_dir} ({one_line(e)}); without network, give a folder of images instead"
-        ) from e
+        raise DataError(f"could not download CIFAR-10 to {download_dir} ({one_line(e)}); "
+                        "without network, give a folder of images instead") from e
     return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets), dataset.classes
 
 
@@ -106,10 +105,8 @@ def read_images(paths, size=None, what=""):
         except Exception as e:
             raise DataError(f"cannot read image {path} ({one_line(e)}); remove or replace it") from e
         if images and array.shape != images[0].shape:
-            raise DataError(
-                f"images differ in size: {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]}, "
-                f"{path} is {array.shape[1]}x{array.shape[0]}; give images of one size"
-            )
+            raise DataError(f"images differ in size: {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]}, "
+                            f"{path} is {array.shape[1]}x{array.shape[0]}; give images of one size")
         images.append(array)
         if what and ((i + 1) % 10000 == 0 or i + 1 == len(paths)):
             print(f"reading {what}: {i + 1}/{len(paths)} images", flush=True)
@@ -184,10 +181,8 @@ def load_vae(name_or_path, device="cpu"):
             warnings.simplefilter("ignore")
             vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
     except Exception as e:
-        raise DataError(
-            f"could not load the VAE '{name_or_path}' ({one_line(e)}); "
-            "without network, download it elsewhere and pass its local folder with --vae=path/to/vae"
-        ) from e
+        raise DataError(f"could not load the VAE '{name_or_path}' ({one_line(e)}); "
+                        "without network, download it elsewhere and pass its local folder with --vae=path/to/vae") from e
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -233,9 +228,8 @@ def save_png(image_hwc, path):
     """Write a uint8 (H, W, 3) array as PNG, through a temporary file renamed into place."""
     from PIL import Image
 
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(image_hwc).save(tmp)
-    os.replace(tmp, path)
+    Image.fromarray(image_hwc).save(f"{path}.tmp.png")
+    os.replace(f"{path}.tmp.png", path)
 
 
 def write_atomically(final_dir, write):

@@ -62,13 +62,8 @@ def sincos_pos_embed_2d(n_embd, grid_size):
     freqs = 1.0 / 10000 ** (torch.arange(n_embd // 4, dtype=torch.float64) / (n_embd // 4))
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
-
-    def embed_1d(pos):  # (G*G,) -> (G*G, n_embd/2)
-        angles = pos[:, None] * freqs[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    emb = torch.cat([embed_1d(rows.flatten()), embed_1d(cols.flatten())], dim=1)
-    return emb.float()
+    angles = [pos.flatten()[:, None] * freqs[None, :] for pos in (rows, cols)]  # (G*G, n_embd/4) each
+    return torch.cat([angles[0].sin(), angles[0].cos(), angles[1].sin(), angles[1].cos()], dim=1).float()
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -185,15 +180,13 @@ class DiT(nn.Module):
             nn.init.normal_(weight, std=0.02)
         # Zero the shared modulation, and give each block random shifts/scales but zero
         # gates: every block starts as the identity, and the output layer starts at zero.
-        nn.init.zeros_(self.t_block[1].weight)
-        nn.init.zeros_(self.t_block[1].bias)
+        for param in (self.t_block[1].weight, self.t_block[1].bias, self.out.weight, self.out.bias):
+            nn.init.zeros_(param)
         D = self.config.n_embd
         for block in self.blocks:
             with torch.no_grad():
                 block.scale_shift_table.copy_(torch.randn(6, D) / D**0.5)
                 block.scale_shift_table[[2, 5]] = 0.0  # the two gates
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
 
     def forward(self, x, t, y):
         """x (B, C, H, W) noisy input; t (B,) float in [0, 1]; y (B,) long class ids,
@@ -314,15 +307,11 @@ def get_noise_schedule(name, input_scale=1.0, **params):
 def check_objective(noise_schedule, prediction):
     """A clear error for a path and a prediction target that do not go together."""
     if prediction == "velocity" and noise_schedule.name != "flow":
-        raise ValueError(
-            f"prediction 'velocity' is the rectified-flow target eps - x0: use it with noise_schedule='flow' "
-            f"(with {noise_schedule.name!r}, use 'v' or 'eps')"
-        )
+        raise ValueError(f"prediction 'velocity' is the rectified-flow target eps - x0: use it with noise_schedule='flow' "
+                         f"(with {noise_schedule.name!r}, use 'v' or 'eps')")
     if prediction == "eps" and noise_schedule.name == "flow":
-        raise ValueError(
-            "prediction 'eps' cannot work with noise_schedule='flow': at t=1 the path is pure noise (alpha = 0), "
-            "so a predicted eps says nothing about x0; use prediction='velocity' (or 'v')"
-        )
+        raise ValueError("prediction 'eps' cannot work with noise_schedule='flow': at t=1 the path is pure noise (alpha = 0), "
+                         "so a predicted eps says nothing about x0; use prediction='velocity' (or 'v')")
 
 
 # -----------------------------------------------------------------------------

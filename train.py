@@ -3,7 +3,6 @@ Train a class-conditional DiT on data made by prepare_cifar.py.
 
 One GPU (or the CPU):
     python train.py config/train_cifar_pixels.py
-    python train.py config/train_debug.py --device=cpu
 Several GPUs, with DDP, on one machine (or several: README, "Several machines"):
     torchrun --standalone --nproc_per_node=8 train.py config/train_cifar_pixels.py
 Continue a run where it stopped (the end of max_iters, Ctrl-C, SIGTERM or a crash):
@@ -134,15 +133,12 @@ try:
         checkpoint = read_checkpoint(ckpt_path)  # weights_only: a booby-trapped file is refused unread
     elif os.path.exists(ckpt_path):
         raise DataError(f"{ckpt_path} already exists; continue it with --init_from=resume, or pick another --out_dir")
-except (DataError, ValueError) as e:
-    fail(str(e))
-try:
     model_config = DiTConfig(
         input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
         n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=meta["num_classes"], dropout=dropout, prediction=prediction,
     )
-except ValueError as e:
-    fail(f"{e} (dataset {dataset} is {'x'.join(map(str, meta['shape']))})")
+except (DataError, ValueError) as e:
+    fail(str(e))
 if checkpoint is not None:
     saved = checkpoint["model_config"]
     different = [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in asdict(model_config).items() if saved.get(k) != v]
@@ -152,8 +148,7 @@ if checkpoint is not None:
 # --- set-up: the data on the device; the model, its EMA copy and the optimizer --------------
 torch.manual_seed(seed)  # the same initial weights on every process
 if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any float32 matmul left outside autocast
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # any float32 matmul left outside autocast
 autocast = autocast_context(device, dtype)
 # The whole dataset lives on the device; batches are random indices into it.
 x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
@@ -177,9 +172,8 @@ ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = 0, float("inf"), 0, None
 if checkpoint is not None:
-    model.load_state_dict(checkpoint["model"])
-    ema_model.load_state_dict(checkpoint["ema"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    for obj, key in ((model, "model"), (ema_model, "ema"), (optimizer, "optimizer")):
+        obj.load_state_dict(checkpoint[key])
     iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = (
         checkpoint[k] for k in ("iter_num", "best_val_loss", "evals_without_improvement", "mlflow_run_id"))
     rng = checkpoint["rng"]
@@ -213,40 +207,36 @@ can_decode = meta["kind"] == "pixels" or vae is not None
 if master and fid_interval and can_decode:
     try:
         fid_net = fid.load_inception(inception_weights, device)
-        fid_ref_stats = fid.reference_statistics(fid_ref or (data_path if meta["kind"] == "pixels" else "cifar10"), fid_net,
-                                                 data_dir=data_dir)
+        fid_ref_stats = fid.reference_statistics(fid_ref or (data_path if meta["kind"] == "pixels" else "cifar10"), fid_net, data_dir=data_dir)
     except DataError as e:
         warn(f"no FID during training: {e}")
         fid_net = None
-mlflow = None  # the mlflow module while logging works: any failure warns once and turns it off
-
-
-def mlflow_off(error):
-    global mlflow
-    warn(f"MLflow logging is off from here on: {one_line(error, 300)}")
-    mlflow = None
+mlflow = None  # the mlflow module while logging works
 
 
 def log_mlflow(method, *args, **kwargs):
-    if mlflow is not None:
-        try:
-            getattr(mlflow, method)(*args, **kwargs)
-        except Exception as e:
-            mlflow_off(e)
+    """mlflow.<method>(...); a failure warns once and turns logging off: it never stops training."""
+    global mlflow
+    try:
+        return getattr(mlflow, method)(*args, **kwargs) if mlflow else None
+    except Exception as e:
+        warn(f"MLflow logging is off from here on: {one_line(e, 300)}")
+        mlflow = None
 
 
 if master and mlflow_log:
     try:
         mlflow, uri = mlflow_tracking(mlflow_tracking_uri)
-        if mlflow_run_id is None:
-            mlflow.set_experiment(mlflow_experiment)
-        system_metrics = importlib.util.find_spec("psutil") is not None
-        run = mlflow.start_run(run_id=mlflow_run_id, run_name=mlflow_run_name or None, log_system_metrics=system_metrics)
+    except Exception as e:  # no mlflow installed, a bad URI
+        warn(f"no MLflow logging: {one_line(e)} (pip install mlflow, or --mlflow_log=False)")
+    if mlflow_run_id is None:
+        log_mlflow("set_experiment", mlflow_experiment)
+    run = log_mlflow("start_run", run_id=mlflow_run_id, run_name=mlflow_run_name or None,
+                     log_system_metrics=importlib.util.find_spec("psutil") is not None)
+    if run:
         mlflow_run_id = run.info.run_id
-        mlflow.log_params({k: str(v)[:500] for k, v in config.items() if k not in run.data.params})  # a resumed run keeps its own
+        log_mlflow("log_params", {k: str(v)[:500] for k, v in config.items() if k not in run.data.params})  # resumed: kept
         print(f"MLflow: run {mlflow_run_id} at {uri} (see it with: mlflow ui --backend-store-uri {uri})")
-    except Exception as e:
-        mlflow_off(e)
 if master:
     os.makedirs(out_dir, exist_ok=True)
 
@@ -423,8 +413,7 @@ if ddp and not stopping:  # every process must end with the same weights: a chea
     dist.all_gather(checksums, checksum)
     if master:
         print(f"weights identical on all {world_size} processes: {all(torch.equal(checksums[0], c) for c in checksums[1:])}")
-if master:
-    log_mlflow("end_run", status="KILLED" if stopping else "FINISHED")
+log_mlflow("end_run", status="KILLED" if stopping else "FINISHED")  # a no-op where MLflow is off (and off rank 0)
 if ddp:
     dist.destroy_process_group()
 if stopping:

@@ -169,7 +169,7 @@ def test_fid_bad_input(weights_file, tmp_path):
     assert_clean_failure(proc, "differ in size", "16x16", "8x8")
     make_image_folder(tmp_path / "one", classes=("a",), per_class=1, size=16, splits=())
     proc = fid(tmp_path, "--images=one", "--ref=real", w)
-    assert_clean_failure(proc, "at least 2 images", "one has 1")
+    assert_clean_failure(proc, "FID needs at least 2 images, got 1")
     np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.eye(64))
     proc = fid(tmp_path, "--images=real", "--ref=wrong.npz", w)
     assert_clean_failure(proc, "wrong.npz has mu (64,)", "expected (2048,)")
