@@ -2,7 +2,6 @@
 #   python sample.py config/sample_grid.py --ckpt=out-cifar/ckpt.pt
 classes = "airplane,automobile,bird,cat,deer,dog,frog,horse,ship,truck"
 num_per_class = 10
-steps = 50
 cfg_scale = 1.5
 seed = 0
 trajectory = True
