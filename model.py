@@ -49,7 +49,7 @@ class DiTConfig:
         if self.prediction not in ("v", "eps", "velocity"):
             raise ValueError(f"prediction must be 'v', 'eps' or 'velocity', got {self.prediction!r}")
         if self.input_size % self.patch_size:
-            raise ValueError(f"input size {self.input_size} is not divisible by patch_size {self.patch_size}")
+            raise ValueError(f"input {self.in_channels}x{self.input_size}x{self.input_size} is not divisible by patch_size {self.patch_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
 

@@ -181,7 +181,7 @@ def test_bad_input(tiny_dataset, tmp_path):
     proc = train(tmp_path, "--dataset=nothing")
     assert_clean_failure(proc, os.path.join("data", "nothing", "meta.json"), "prepare_cifar.py")
     proc = train(tmp_path, "--patch_size=3")
-    assert_clean_failure(proc, "input size 8 is not divisible by patch_size 3")
+    assert_clean_failure(proc, "not divisible by patch_size 3", "3x8x8")
     proc = train(tmp_path, "--batch_size=10", "--gradient_accumulation_steps=3")
     assert_clean_failure(proc, "batch_size 10 is not divisible by 1 processes x 3 accumulation steps")
     proc = train(tmp_path, "--init_from=resume")
