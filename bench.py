@@ -1,14 +1,11 @@
 """
-Measure speed on synthetic data, as nanoGPT's bench.py does: one training step (loss,
-backward, clipping, fused AdamW, EMA) and sampling with guidance (DDIM or DPM-Solver++), without data
-files, evaluation or logging. Prints a table: ms per step, images/s, achieved TFLOP/s,
-MFU and peak memory.
+Measure speed on synthetic data, as nanoGPT's bench.py does: one training step (loss, backward,
+clipping, fused AdamW, EMA) and guided sampling, without data files, evaluation or logging.
+Prints ms per step, images/s, achieved TFLOP/s, MFU and peak memory.
 
     python bench.py                                            # the pixel CIFAR config
     python bench.py config/train_cifar.py --batch_size=256 --compile=True
-    python bench.py --compile=False --bench_sampling=False     # any train config key can be overridden
-
-A train config file may set keys bench.py does not use (out_dir, ema_decay, ...): they are ignored.
+    python bench.py --compile=False --bench_sampling=False     # keys a train config sets but bench.py does not use are ignored
 """
 
 import os
@@ -55,16 +52,13 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 # -----------------------------------------------------------------------------
 KNOWN_SHAPES = {"cifar10_pixels": (3, 32, 32), "cifar10_vae-kl-f8-d16_32": (16, 4, 4)}
 
-meta_path = os.path.join(data_dir, dataset, "meta.json")
-if input_shape:
-    shape = tuple(input_shape)
-elif os.path.exists(meta_path):
-    meta = load_meta(os.path.dirname(meta_path))
-    shape, num_classes = tuple(meta["shape"]), meta["num_classes"]
-elif dataset in KNOWN_SHAPES:
-    shape = KNOWN_SHAPES[dataset]
-else:
-    fail(f"no {meta_path} to read the input shape from; pass --input_shape=C,H,W")
+data_path = os.path.join(data_dir, dataset)
+if not input_shape and os.path.exists(os.path.join(data_path, "meta.json")):
+    meta = load_meta(data_path)
+    input_shape, num_classes = meta["shape"], meta["num_classes"]
+shape = tuple(input_shape) or KNOWN_SHAPES.get(dataset)
+if not shape:
+    fail(f"no {data_path}/meta.json to read the input shape from; pass --input_shape=C,H,W")
 if len(shape) != 3 or shape[1] != shape[2]:
     fail(f"input_shape must be C,H,W with H == W, got {shape}")
 if sampler not in SAMPLERS:
@@ -77,10 +71,8 @@ if device_type == "cuda":
 autocast = autocast_context(device, dtype)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 try:
-    config = DiTConfig(
-        input_size=shape[1], in_channels=shape[0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
-        n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=num_classes, dropout=dropout, prediction=prediction,
-    )
+    config = DiTConfig(input_size=shape[1], in_channels=shape[0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
+                       n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=num_classes, dropout=dropout, prediction=prediction)
 except ValueError as e:
     fail(str(e))
 model = DiT(config).to(device)
@@ -107,21 +99,20 @@ def train_step():
 
 
 def timed(fn, repeats):
+    """(seconds per call of fn, peak GPU memory of these calls in GiB, or None off the GPU)"""
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     synchronize()
     t0 = time.perf_counter()
     for _ in range(repeats):
         fn()
     synchronize()
-    return (time.perf_counter() - t0) / repeats
+    return (time.perf_counter() - t0) / repeats, torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
 
 
-if device_type == "cuda":
-    torch.cuda.reset_peak_memory_stats(device)
 print(f"warming up {warmup_steps} training steps{' (compiling)' if compile else ''}...", flush=True)
 timed(train_step, warmup_steps)
-step_time = timed(train_step, bench_steps)
-train_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
-rows = [("train step", batch_size, step_time, batch_size * model.flops_per_image(training=True), train_memory)]
+rows = [("train step", batch_size, batch_size * model.flops_per_image(training=True), *timed(train_step, bench_steps))]
 
 if bench_sampling:
     net.eval()
@@ -132,24 +123,18 @@ if bench_sampling:
         with autocast:
             SAMPLERS[sampler](net, schedule, x_T, y, steps=sample_steps, cfg_scale=sample_cfg_scale)
 
-    if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     timed(sample, 1)  # warm-up (and compilation of the eval graph)
-    sample_time = timed(sample, 1 if device_type != "cuda" else 3)
     passes = 2 if sample_cfg_scale != 1.0 else 1  # cond + uncond in one batch
     flops = sample_batch_size * sample_steps * passes * model.flops_per_image(training=False)
-    sample_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
-    rows.append((f"{sampler} {sample_steps} steps, cfg {sample_cfg_scale}", sample_batch_size, sample_time, flops, sample_memory))
+    repeats = 3 if device_type == "cuda" else 1  # a CPU is slow enough that one run is steady
+    rows.append((f"{sampler} {sample_steps} steps, cfg {sample_cfg_scale}", sample_batch_size, flops, *timed(sample, repeats)))
 
 device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device
-print(
-    f"\n{device_name}, {model.num_params() / 1e6:.1f}M parameters, {model.grid_size**2} tokens per image "
-    f"({'x'.join(map(str, shape))}, patch {patch_size}), {dtype}, compile {'on' if compile else 'off'}"
-    + (f", peak {peak / 1e12:.0f} TFLOP/s" if peak else "")
-)
+print(f"\n{device_name}, {model.num_params() / 1e6:.1f}M parameters, {model.grid_size**2} tokens per image ({'x'.join(map(str, shape))}, "
+      f"patch {patch_size}), {dtype}, compile {'on' if compile else 'off'}" + (f", peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
 print("| what | batch | ms | images/s | TFLOP/s | MFU | peak memory |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-for what, batch, seconds, flops, memory in rows:
+for what, batch, flops, seconds, memory in rows:
     mfu = f"{flops / seconds / peak * 100:.1f}%" if peak else "-"
     mem = f"{memory:.1f} GiB" if memory is not None else "-"
     print(f"| {what} | {batch} | {seconds * 1000:.1f} | {batch / seconds:.1f} | {flops / seconds / 1e12:.3g} | {mfu} | {mem} |")

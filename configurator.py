@@ -1,23 +1,16 @@
 """
-Poor man's configurator, the nanoGPT way, with errors a person can act on. A script
-defines its defaults as module-level variables and then runs
-
-    exec(open(os.path.join(os.path.dirname(__file__), 'configurator.py')).read())
-
-which overrides them from the command line, left to right:
+Poor man's configurator, the nanoGPT way, with errors a person can act on. A script sets its
+defaults as module-level variables, then execs this file, which overrides them left to right:
 
     python train.py config/train_cifar.py --batch_size=64 --compile=False --classes=3,5
 
-- a positional argument is a config file: plain Python whose assignments override defaults;
-- --key=value overrides one default; the value is parsed with ast.literal_eval (so
-  --lr=1e-3, --compile=False, --classes=3,5 give a float, a bool, a tuple), and taken
-  as the raw text when the default is a string (--device=cuda, --classes=cat,dog).
-
-An unknown key, a value of the wrong type or a missing config file ends the program
-with one line on stderr and exit status 1; `--help` lists every key with its default.
-Afterwards `config_keys` names the keys (module-level values of a config type, except
-_private and UPPER_CASE names). A script that reads another's config files sets
-_config_files_may_set_other_keys = True. Its own names start with _: it runs in the script.
+A config file is plain Python whose assignments override defaults. --key=value is parsed
+with ast.literal_eval (--lr=1e-3, --compile=False, --classes=3,5: a float, a bool, a tuple)
+and kept as text where the default is a string (--device=cuda, --classes=cat,dog).
+An unknown key, a wrongly typed value or a missing file ends the program with one line
+on stderr; --help lists every key. `config_keys` names the keys (module-level values of a
+config type, except _private and UPPER_CASE names). A script that reads another's config
+files sets _config_files_may_set_other_keys = True. Its own names start with _ (it runs in the script).
 """
 
 import ast as _ast
@@ -27,14 +20,7 @@ import sys as _sys
 
 _CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 # every module-level value set so far, except _private names and CONSTANTS
-config_keys = [
-    _k for _k, _v in globals().items()
-    if not _k.startswith("_") and not _k.isupper() and isinstance(_v, _CONFIG_TYPES)
-]
-
-
-def _config_error(message):
-    _sys.exit(f"config error: {message}")
+config_keys = [_k for _k, _v in globals().items() if not _k.startswith("_") and not _k.isupper() and isinstance(_v, _CONFIG_TYPES)]
 
 
 def _checked_value(key, value, source):
@@ -42,7 +28,7 @@ def _checked_value(key, value, source):
     if key not in config_keys:
         close = _difflib.get_close_matches(key, config_keys, n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(close)}?" if close else "; run with --help to list them"
-        _config_error(f"unknown config key '{key}' ({source}){hint}")
+        _sys.exit(f"config error: unknown config key '{key}' ({source}){hint}")
     default = globals()[key]
     if default is None or type(value) is type(default):
         return value
@@ -53,7 +39,7 @@ def _checked_value(key, value, source):
             value = (value,)  # --classes=3 for a tuple key
         if isinstance(value, (tuple, list)):
             return type(default)(value)
-    _config_error(f"{key} ({source}) expects {type(default).__name__} like {default!r}, got {type(value).__name__} {value!r}")
+    _sys.exit(f"config error: {key} ({source}) expects {type(default).__name__} like {default!r}, got {type(value).__name__} {value!r}")
 
 
 def _parse_value(key, text):
@@ -73,7 +59,7 @@ for _arg in _sys.argv[1:]:
         _sys.exit(0)
     elif _arg.startswith("--"):
         if "=" not in _arg:
-            _config_error(f"'{_arg}' has no value; write {_arg}=VALUE")
+            _sys.exit(f"config error: '{_arg}' has no value; write {_arg}=VALUE")
         _key, _text = _arg[2:].split("=", 1)
         _value = _checked_value(_key, _parse_value(_key, _text), "command line")
         print(f"Overriding: {_key} = {_value!r}")
@@ -83,7 +69,7 @@ for _arg in _sys.argv[1:]:
             with open(_arg) as _f:
                 _source = _f.read()
         except OSError as _e:
-            _config_error(f"cannot read config file '{_arg}': {_e.strerror}")
+            _sys.exit(f"config error: cannot read config file '{_arg}': {_e.strerror}")
         print(f"Overriding config with {_arg}")
         # Run the file in its own namespace, then check every name it set like a --key=value.
         _namespace = {}
@@ -91,7 +77,7 @@ for _arg in _sys.argv[1:]:
             # (builtins.compile: scripts have a config key named `compile`)
             exec(_builtins.compile(_source, _arg, "exec"), _namespace)
         except Exception as _e:
-            _config_error(f"config file '{_arg}' failed: {type(_e).__name__}: {_e}")
+            _sys.exit(f"config error: config file '{_arg}' failed: {type(_e).__name__}: {_e}")
         for _key, _value in _namespace.items():
             if not _key.startswith("_") and isinstance(_value, _CONFIG_TYPES):
                 if _key not in config_keys and globals().get("_config_files_may_set_other_keys"):

@@ -1,10 +1,10 @@
 """
 The data side, shared by prepare_cifar.py, train.py, sample.py and fid.py:
 - user errors as one clear line, and MLflow's set-up,
-- real images: CIFAR-10 through torchvision, image files,
+- real images: CIFAR-10 through torchvision, image files, FID's references named by one string,
 - the prepared dataset on disk (data/<name>/{train,test}.pt and meta.json),
 - the pretrained VAE (a diffusers AutoencoderKL) that turns images into latents and back,
-- model space <-> uint8 images, grids and atomic writes.
+- model space <-> uint8 images, PNGs and atomic writes.
 
 Model space is what the diffusion model sees: pixels scaled to [-1, 1], or VAE latents
 in the VAE's scaling convention, normalised per channel to zero mean and unit std.
@@ -79,17 +79,10 @@ def image_files(folder):
 
 
 def resize_crop(image, size):
-    """PIL image -> RGB, its shorter side resized to size (bicubic), centre-cropped to size x size."""
-    from PIL import Image
+    """PIL image -> RGB, its central square resized to size x size (bicubic); as it is if it has that size."""
+    from PIL import Image, ImageOps
 
-    image = image.convert("RGB")
-    if image.size != (size, size):
-        w, h = image.size
-        scale = size / min(w, h)
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-        left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return image
+    return ImageOps.fit(image.convert("RGB"), (size, size), Image.BICUBIC)
 
 
 def read_images(paths, size=None, what=""):
@@ -137,11 +130,26 @@ def load_meta(data_dir):
         return json.load(f)
 
 
+def real_images(name, data_dir="data"):
+    """(files, description, read) of the images named: 'cifar10' (its 50,000 train images, from
+    the torchvision download prepare_cifar.py shares), a prepared pixel dataset (its train
+    split) or a folder of images; read() returns them as uint8 (N, 3, H, W)."""
+    if name == "cifar10":
+        return [], "CIFAR-10 train", lambda: load_cifar10(os.path.join(data_dir, "downloads"), "train")[0]
+    if os.path.exists(os.path.join(name, "meta.json")):
+        if load_meta(name)["kind"] != "pixels":
+            raise DataError(f"{name} holds VAE latents, not images; pass its image source instead")
+        return [os.path.join(name, "train.pt")], f"{name} (train split)", lambda: load_split(name, "train")[0]
+    files = image_files(name)
+    if not files:
+        raise DataError(f"{name} holds no images ({', '.join(IMAGE_EXTENSIONS)})" if os.path.isdir(name) else
+                        f"{name} is not 'cifar10', a statistics .npz, a prepared dataset or a folder of images")
+    return files, name, lambda: read_images(files)
+
+
 def latent_stats(meta, device):
     """The per-channel mean and std of the train latents, shaped (1, C, 1, 1)."""
-    mean = torch.tensor(meta["latent_mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(meta["latent_std"], device=device).view(1, -1, 1, 1)
-    return mean, std
+    return (torch.tensor(meta[key], device=device).view(1, -1, 1, 1) for key in ("latent_mean", "latent_std"))
 
 
 def to_model_space(x, meta):
@@ -195,12 +203,10 @@ def vae_scaling(vae):
 
 @torch.no_grad()
 def encode(vae, images):
-    """uint8 (B, 3, H, W) images -> latents z in the VAE's scaling convention, float32.
-    Takes the mean of the encoder's distribution rather than a sample, so the dataset
-    is deterministic."""
+    """uint8 (B, 3, H, W) images -> latents z in the VAE's scaling convention, float32. Takes the mean of the encoder's
+    distribution rather than a sample, so the dataset is deterministic."""
     scale, shift = vae_scaling(vae)
-    x = from_uint8(images.to(vae.device))
-    latent = vae.encode(x).latent_dist.mean
+    latent = vae.encode(from_uint8(images.to(vae.device))).latent_dist.mean
     return ((latent - shift) * scale).float()
 
 
@@ -215,13 +221,6 @@ def to_images(x, meta, vae=None):
     mean, std = latent_stats(meta, x.device)
     latent = (x.float() * std + mean) / meta["scaling_factor"] + meta["shift_factor"]
     return to_uint8(vae.decode(latent.to(vae.device)).sample)
-
-
-def image_grid(images, nrow):
-    """uint8 (N, 3, H, W) -> one uint8 (H', W', 3) numpy image, nrow images per row."""
-    from torchvision.utils import make_grid
-
-    return make_grid(images, nrow=nrow, padding=2, pad_value=255).permute(1, 2, 0).numpy()
 
 
 def save_png(image_hwc, path):

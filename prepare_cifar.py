@@ -6,9 +6,8 @@ once, so that training never decodes an image or runs the VAE.
     python prepare_cifar.py --vae=none                        # CIFAR-10 -> uint8 pixels
     python prepare_cifar.py --source=path/to/folder --vae=none --image_size=64
 
-Writes data/<name>/train.pt, test.pt ({'x': tensor, 'labels': int64 tensor}) and
-meta.json. A folder with train/ and test/ sub-folders gives both splits; a folder of
-class sub-folders gives a train split only.
+Writes data/<name>/train.pt, test.pt ({'x': tensor, 'labels': int64 tensor}) and meta.json.
+A folder with train/ and test/ sub-folders gives both splits, one of class sub-folders a train split.
 """
 
 import json
@@ -18,10 +17,8 @@ import time
 import numpy as np
 import torch
 
-from data import (
-    IMAGE_EXTENSIONS, DataError, encode, fail, load_cifar10, load_vae, read_images, resize_crop, to_model_space,
-    vae_scaling, write_atomically,
-)
+from data import (IMAGE_EXTENSIONS, DataError, encode, fail, load_cifar10, load_vae, read_images, resize_crop, to_model_space,
+                  vae_scaling, write_atomically)
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -131,22 +128,17 @@ except DataError as e:
 name = out or default_name("cifar10" if source == "cifar10" else os.path.basename(os.path.normpath(source)))
 meta = dict(kind="pixels" if vae_model is None else "latents", source=source, image_size=image_size,
             classes=list(classes), num_classes=len(classes), splits=list(splits))
-tensors = {}
+tensors = {split: dict(x=images, labels=labels) for split, (images, labels) in splits.items()}
 if vae_model is None:
-    tensors = {split: dict(x=images, labels=labels) for split, (images, labels) in splits.items()}
     meta.update(channels=3, shape=[3, image_size, image_size], flipped_copies=False, clip_x0=1.0)
 else:
-    for split, (images, labels) in splits.items():
-        latents, latent_labels = encode_split(vae_model, images, labels, split, flip and split == "train")
-        tensors[split] = dict(x=latents, labels=latent_labels)
+    for split, t in tensors.items():
+        t["x"], t["labels"] = encode_split(vae_model, t["x"], t["labels"], split, flip and split == "train")
     train_latents = tensors["train"]["x"]
     scale, shift = vae_scaling(vae_model)
-    meta.update(
-        channels=train_latents.shape[1], shape=list(train_latents.shape[1:]), vae=vae, scaling_factor=scale,
-        shift_factor=shift, flipped_copies=bool(flip),
-        # train.py normalises each channel with these; sample.py undoes it before decoding
-        latent_mean=train_latents.mean(dim=(0, 2, 3)).tolist(), latent_std=train_latents.std(dim=(0, 2, 3)).tolist(),
-    )
+    meta.update(channels=train_latents.shape[1], shape=list(train_latents.shape[1:]), vae=vae, scaling_factor=scale, shift_factor=shift,
+                flipped_copies=bool(flip),  # and the per-channel statistics train.py normalises with (sample.py undoes it)
+                latent_mean=train_latents.mean(dim=(0, 2, 3)).tolist(), latent_std=train_latents.std(dim=(0, 2, 3)).tolist())
     # the largest |value| of the normalised train latents: samplers clip predicted x0 to it
     meta["clip_x0"] = to_model_space(train_latents, meta).abs().max().item()
     for split in tensors:  # float16 on disk: its rounding is far below the VAE's own error

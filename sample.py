@@ -18,7 +18,7 @@ from contextlib import nullcontext
 
 import torch
 
-from data import DataError, fail, image_grid, load_vae, one_line, save_png, to_images, write_atomically
+from data import DataError, fail, load_vae, one_line, save_png, to_images, write_atomically
 from model import SAMPLERS, DiT, DiTConfig, NoiseSchedule, autocast_context, generate, initial_noise
 
 # -----------------------------------------------------------------------------
@@ -81,15 +81,13 @@ def parse_classes(text, names):
         return list(range(len(names)))
     ids = []
     for token in (t.strip() for t in text.split(",")):
-        if token.lstrip("-").isdigit() and 0 <= int(token) < len(names):
+        if token.isdigit() and int(token) < len(names):
             ids.append(int(token))
         elif token in names:
             ids.append(names.index(token))
         else:
             valid = ", ".join(f"{i}={name}" for i, name in enumerate(names))
             raise DataError(f"unknown class '{token}'; valid classes: {valid}, or 'all'")
-    if not ids:
-        raise DataError("no classes given; pass --classes=3,5 or --classes=cat,dog or --classes=all")
     return ids
 
 
@@ -97,9 +95,8 @@ def load_decoder(meta, vae_name, device):
     """The VAE for latent checkpoints (None for pixels)."""
     if meta["kind"] != "latents":
         return None
-    name = vae_name or meta["vae"]
     try:
-        return load_vae(name, device)
+        return load_vae(vae_name or meta["vae"], device)
     except DataError as e:
         raise DataError(f"{e}; this checkpoint's latents need their VAE: pass --vae=path/to/vae") from e
 
@@ -117,26 +114,24 @@ def sampler_settings(sampler, steps, cfg_scale, eta=0.0):
 
 @torch.no_grad()
 def sample_images(model, schedule, meta, labels, vae=None, seed=0, batch_size=256, autocast=nullcontext(), first_index=0, **sampling):
-    """uint8 images (N, 3, H, W) on the CPU for a tensor of class ids, decoded through the
-    VAE for latent models; sampling is sampler_settings(...). Image i (counted from
-    first_index) depends only on seed, i and its label, not on batch_size, so a large set
-    can be made in pieces."""
+    """uint8 images (N, 3, H, W) on the CPU for a tensor of class ids, decoded through the VAE for latent models;
+    sampling is sampler_settings(...). Image i (counted from first_index) depends only on seed, i and its label, not on
+    batch_size, so a large set can be made in pieces."""
     device = next(model.parameters()).device
     with autocast:
-        samples = generate(
-            model, schedule, labels, meta["shape"], seed=seed, batch_size=batch_size, first_index=first_index,
-            clip_x0=meta.get("clip_x0"), **sampling,
-        )
+        samples = generate(model, schedule, labels, meta["shape"], seed=seed, batch_size=batch_size, first_index=first_index,
+                           clip_x0=meta.get("clip_x0"), **sampling)
     images = [to_images(samples[i : i + batch_size].to(device), meta, vae).cpu() for i in range(0, len(samples), batch_size)]
     return torch.cat(images)
 
 
 def labelled_rows(images, row_names, ncol):
-    """A grid with ncol images per row and each row's name written on its left -> HWC uint8."""
+    """uint8 images (N, 3, H, W) -> one HWC uint8 grid, ncol images per row, each row's name on its left."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
 
-    grid = image_grid(images, nrow=ncol)
+    grid = make_grid(images, nrow=ncol, padding=2, pad_value=255).permute(1, 2, 0).numpy()
     font = ImageFont.load_default()
     margin = 6 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font)) for n in row_names)
     canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), (255, 255, 255))
@@ -176,10 +171,8 @@ if __name__ == "__main__":
         x_T = initial_noise(meta["shape"], first.tolist(), seed).to(device)
         kwargs = {k: v for k, v in sampling.items() if k != "sampler"}
         with autocast:
-            _, path = SAMPLERS[sampler](
-                net, schedule, x_T, labels[first].to(device), generator=torch.Generator(device).manual_seed(seed),
-                return_trajectory=True, clip_x0=meta.get("clip_x0"), **kwargs,
-            )
+            _, path = SAMPLERS[sampler](net, schedule, x_T, labels[first].to(device), generator=torch.Generator(device).manual_seed(seed),
+                                        return_trajectory=True, clip_x0=meta.get("clip_x0"), **kwargs)
         frames = path["x_t"] if trajectory_show == "x_t" else path["x0_pred"]
         picks = torch.linspace(0, len(frames) - 1, min(trajectory_frames, len(frames))).round().long().tolist()
         # (frames, rows, C, H, W) -> (rows, frames, ...) so each row is one class's path
@@ -196,9 +189,6 @@ if __name__ == "__main__":
             save_png(trajectory_grid, os.path.join(folder, "trajectory.png"))
 
     write_atomically(out_dir, write)
-    print(
-        f"{len(images)} images of {', '.join(dict.fromkeys(names))} in {seconds:.1f} s "
-        f"({len(images) / seconds:.1f} images/s, {sampler} {steps} steps, cfg_scale {cfg_scale}, "
-        f"{'EMA' if use_ema else 'raw'} weights) -> {out_dir}/grid.png"
-        + (f", {out_dir}/trajectory.png ({trajectory_show})" if trajectory else "")
-    )
+    print(f"{len(images)} images of {', '.join(dict.fromkeys(names))} in {seconds:.1f} s ({len(images) / seconds:.1f} images/s, "
+          f"{sampler} {steps} steps, cfg_scale {cfg_scale}, {'EMA' if use_ema else 'raw'} weights) -> {out_dir}/grid.png"
+          + (f", {out_dir}/trajectory.png ({trajectory_show})" if trajectory else ""))

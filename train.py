@@ -24,11 +24,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
-from data import (
-    DataError, fail, image_grid, load_meta, load_split, load_vae, mlflow_tracking, one_line, save_png, to_model_space, warn,
-)
+from data import DataError, fail, load_meta, load_split, load_vae, mlflow_tracking, one_line, save_png, to_model_space, warn
 from model import DiT, DiTConfig, autocast_context, check_objective, diffusion_loss, get_noise_schedule, gpu_peak_flops
-from sample import read_checkpoint, sample_images, sampler_settings
+from sample import labelled_rows, read_checkpoint, sample_images, sampler_settings
 
 # -----------------------------------------------------------------------------
 # default config values: together they are the full config (python train.py --help lists them)
@@ -133,17 +131,13 @@ try:
         checkpoint = read_checkpoint(ckpt_path)  # weights_only: a booby-trapped file is refused unread
     elif os.path.exists(ckpt_path):
         raise DataError(f"{ckpt_path} already exists; continue it with --init_from=resume, or pick another --out_dir")
-    model_config = DiTConfig(
-        input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
-        n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=meta["num_classes"], dropout=dropout, prediction=prediction,
-    )
+    model_config = DiTConfig(input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
+                             n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=meta["num_classes"], dropout=dropout, prediction=prediction)
+    saved = checkpoint["model_config"] if checkpoint else asdict(model_config)
+    if different := [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in asdict(model_config).items() if saved.get(k) != v]:
+        raise ValueError(f"{ckpt_path} holds a different model ({', '.join(different)}); use its settings, or a new --out_dir")
 except (DataError, ValueError) as e:
     fail(str(e))
-if checkpoint is not None:
-    saved = checkpoint["model_config"]
-    different = [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in asdict(model_config).items() if saved.get(k) != v]
-    if different:
-        fail(f"{ckpt_path} holds a different model ({', '.join(different)}); use the settings it was trained with, or a new --out_dir")
 
 # --- set-up: the data on the device; the model, its EMA copy and the optimizer --------------
 torch.manual_seed(seed)  # the same initial weights on every process
@@ -276,11 +270,9 @@ def rng_states_of_all_processes():
 
 
 def save_checkpoint(path, rng_states):
-    checkpoint = dict(
-        model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(), iter_num=iter_num,
-        best_val_loss=best_val_loss, evals_without_improvement=evals_without_improvement, config=config,
-        model_config=asdict(model_config), noise_schedule=asdict(schedule), meta=meta, rng=rng_states, mlflow_run_id=mlflow_run_id,
-    )
+    checkpoint = dict(model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(), iter_num=iter_num,
+                      best_val_loss=best_val_loss, evals_without_improvement=evals_without_improvement, config=config, meta=meta,
+                      model_config=asdict(model_config), noise_schedule=asdict(schedule), rng=rng_states, mlflow_run_id=mlflow_run_id)
     torch.save(checkpoint, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)  # a crash mid-write never leaves a broken checkpoint
 
@@ -305,11 +297,9 @@ ema_params, model_params = list(ema_model.parameters()), list(raw_model.paramete
 flops_per_iter = raw_model.flops_per_image(training=True) * batch_size
 peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
 if master:
-    print(
-        f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.grid_size**2} tokens per image, data {dataset} "
-        f"({meta['kind']}, {'x'.join(map(str, meta['shape']))}, {len(x_train)} train images), batch {batch_size} = "
-        f"{world_size} processes x {gradient_accumulation_steps} steps x {micro_batch}, {device} {dtype}{', compiled' if compile else ''}"
-    )
+    print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.grid_size**2} tokens per image, data {dataset} ({meta['kind']}, "
+          f"{'x'.join(map(str, meta['shape']))}, {len(x_train)} train images), batch {batch_size} = {world_size} processes x "
+          f"{gradient_accumulation_steps} steps x {micro_batch}, {device} {dtype}{', compiled' if compile else ''}")
 model.train()
 loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync until a log step
 iters_since_log, t_log, stopping = 0, time.time(), False
@@ -382,7 +372,7 @@ while iter_num < max_iters:
                 labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
                 images = sample_images(ema_model, schedule, meta, labels, vae, seed=seed, batch_size=max(micro_batch, 64),
                                        autocast=autocast, **sampling)
-                grid = image_grid(images, nrow=samples_per_class)
+                grid = labelled_rows(images, meta["classes"], samples_per_class)  # one row per class, named
                 save_png(grid, os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
                 log_mlflow("log_image", grid, key="samples", step=iter_num)
             improved = ema_val_loss < best_val_loss

