@@ -2,7 +2,7 @@
 Frechet Inception Distance (Heusel et al. 2017, https://arxiv.org/abs/1706.08500): how far the
 Inception-v3 features of generated images are, as a Gaussian, from those of real images. Lower is better.
 
-    python fid.py --ckpt=out/ckpt.pt --num_samples=50000 --sampler=dpm++2m --steps=20 --cfg_scale=1.5
+    python fid.py --ckpt=out/ckpt.pt --num_samples=50000 --sampler=ddim --steps=20 --cfg_scale=1.5
     python fid.py --images=samples/ --ref=data/cifar10_pixels        # or --ref=stats.npz
     python fid.py --ref=cifar10                                       # just cache the reference statistics
 
@@ -217,7 +217,7 @@ images = ""  # images to score (instead of --ckpt): a folder, a prepared pixel d
 ckpt = ""  # a train.py checkpoint to generate from and score
 ref = "cifar10"  # real images: 'cifar10', a prepared pixel dataset folder, an image folder, or a stats .npz
 num_samples = 50000  # images to generate from --ckpt, class-balanced
-sampler = "dpm++2m"  # 'dpm++2m' or 'ddim'
+sampler = "ddim"  # 'ddim' or 'dpm++2m'
 steps = 20  # sampler steps
 cfg_scale = 1.5  # classifier-free guidance scale
 eta = 0.0  # DDIM noise

@@ -41,7 +41,7 @@ eval_iters = 20  # test-split batches per validation loss
 patience = 0  # stop after this many evals without EMA val loss improvement (0: never)
 # sample grids during training (EMA model, fixed noise, one row per class)
 samples_per_class = 8  # images per row of the grid
-sampler = "dpm++2m"  # 'dpm++2m' or 'ddim' (also for FID)
+sampler = "ddim"  # 'ddim' or 'dpm++2m' (also for FID)
 sample_steps = 20  # sampler steps
 sample_cfg_scale = 1.5  # classifier-free guidance scale (1 = no guidance)
 # FID during training (fid.py; EMA model, sample_steps and sample_cfg_scale)

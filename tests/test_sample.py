@@ -47,8 +47,8 @@ def test_deterministic(tiny_checkpoint, tmp_path):
     assert eta == run("f", "--seed=7", "--sampler=ddim", "--eta=1.0") and eta != a
     raw = run("g", "--seed=7", "--use_ema=False")
     assert raw != a
-    ddim = run("h", "--seed=7", "--sampler=ddim")  # a is the default, dpm++2m
-    assert ddim == run("i", "--seed=7", "--sampler=ddim", "--batch_size=3") and ddim != a
+    dpm = run("h", "--seed=7", "--sampler=dpm++2m")  # a is the default, ddim
+    assert dpm == run("i", "--seed=7", "--sampler=dpm++2m", "--batch_size=3") and dpm != a and dpm != eta
 
 
 def test_trajectory(tiny_checkpoint, tmp_path):
