@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import linalg
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models.inception import BasicConv2d, Inception3
 
@@ -138,6 +137,8 @@ def statistics(features):
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))."""
+    from scipy import linalg  # here, not at the top: train.py imports this module and rarely scores FID
+
     with warnings.catch_warnings():  # singular with fewer images than dimensions; handled below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1 @ sigma2)
@@ -162,8 +163,8 @@ def load_stats(path):
     try:
         with np.load(path) as f:
             stats = {k: f[k] for k in f.files}
-        assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048), \
-            f"mu {stats['mu'].shape} and sigma {stats['sigma'].shape}, expected (2048,) and (2048, 2048)"
+        if stats["mu"].shape != (2048,) or stats["sigma"].shape != (2048, 2048):
+            raise ValueError(f"mu {stats['mu'].shape} and sigma {stats['sigma'].shape}, expected (2048,) and (2048, 2048)")
     except Exception as e:
         raise DataError(f"{path} is not a statistics file of fid.py ({one_line(e)})") from e
     return dict(stats, count=int(stats.get("count", 0)), source=str(stats.get("source", path)), signature=str(stats.get("signature", "")))
