@@ -45,9 +45,9 @@ def build_fid_inception():
     for block in [net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e, net.Mixed_7b]:
         # torchvision's average counts the padding: divide by the share of the window inside the image
         block.branch_pool.register_forward_pre_hook(lambda _, args: args[0] / F.avg_pool2d(torch.ones_like(args[0][:1, :1]), 3, 1, 1))
-    # Mixed_7c: keep the block's input, and give its pool branch the max pool of it instead
+    # Mixed_7c: note the block's input, and give its pool branch the max pool of it instead (popped: not kept after)
     net.Mixed_7c.register_forward_pre_hook(lambda block, args: setattr(block, "block_input", args[0]))
-    net.Mixed_7c.branch_pool.register_forward_pre_hook(lambda _, args: F.max_pool2d(net.Mixed_7c.block_input, 3, 1, 1))
+    net.Mixed_7c.branch_pool.register_forward_pre_hook(lambda _, args: F.max_pool2d(vars(net.Mixed_7c).pop("block_input"), 3, 1, 1))
     return net
 
 

@@ -300,7 +300,6 @@ if master:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.grid_size**2} tokens per image, data {dataset} ({meta['kind']}, "
           f"{'x'.join(map(str, meta['shape']))}, {len(x_train)} train images), batch {batch_size} = {world_size} processes x "
           f"{gradient_accumulation_steps} steps x {micro_batch}, {device} {dtype}{', compiled' if compile else ''}")
-model.train()
 loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync until a log step
 iters_since_log, t_log, stopping = 0, time.time(), False
 while iter_num < max_iters:
@@ -404,7 +403,10 @@ if ddp and not stopping:  # every process must end with the same weights: a chea
     if master:
         print(f"weights identical on all {world_size} processes: {all(torch.equal(checksums[0], c) for c in checksums[1:])}")
 log_mlflow("end_run", status="KILLED" if stopping else "FINISHED")  # a no-op where MLflow is off (and off rank 0)
+exit_code = 128 + (stop_signal or signal.SIGTERM) if stopping else 0  # the shell's code for "ended by this signal"
 if ddp:
     dist.destroy_process_group()
-if stopping:
-    sys.exit(128 + (stop_signal or signal.SIGTERM))  # the shell's code for "ended by this signal"
+    # leave without interpreter teardown: it aborts (SIGABRT) if gloo's threads still free the last collective's tensors
+    sys.stdout.flush()
+    os._exit(exit_code)
+sys.exit(exit_code)

@@ -1,10 +1,11 @@
 import json
 import os
 
+import numpy as np
 import torch
 from PIL import Image
 
-from conftest import assert_clean_failure, make_image_folder, make_tiny_vae, run_script
+from conftest import REPO, assert_clean_failure, make_image_folder, make_tiny_vae, run_script
 
 
 def prepare(tmp_path, *args):
@@ -88,6 +89,59 @@ def test_latents_with_a_real_diffusers_vae(tmp_path):
         ours = to_images(normalised, meta, vae)
         theirs = to_uint8(vae.decode(latent).sample)
         assert (ours.int() - theirs.int()).abs().max() <= 2
+
+
+def make_cifar_download(folder, per_batch=4):
+    """What torchvision's CIFAR-10 download leaves in folder: cifar-10-batches-py with five train
+    pickles, a test pickle and batches.meta, here holding random 32x32 images, labelled 0, 1, 2, ...
+    in turn. Returns ({split: (uint8 images (N, 3, 32, 32), labels)}, class names)."""
+    import pickle
+
+    rng, base, names = np.random.default_rng(0), folder / "cifar-10-batches-py", [f"class{i}" for i in range(10)]
+    base.mkdir(parents=True)
+    splits = {}
+    for split, files in [("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])]:
+        x = rng.integers(0, 256, (len(files) * per_batch, 3, 32, 32), dtype=np.uint8)
+        labels = [i % 10 for i in range(len(x))]
+        for i, name in enumerate(files):
+            rows = slice(i * per_batch, (i + 1) * per_batch)
+            (base / name).write_bytes(pickle.dumps({"data": x[rows].reshape(per_batch, -1), "labels": labels[rows]}))
+        splits[split] = (torch.from_numpy(x), torch.tensor(labels))
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    return splits, names
+
+
+def test_cifar10_through_torchvision(tmp_path):
+    """The CIFAR-10 path end to end on a download the test makes: only torchvision's md5 checks
+    (which the fake files cannot pass; a failed one fetches the real archive) are switched off."""
+    from data import resize_crop
+
+    expected, names = make_cifar_download(tmp_path / "data" / "downloads")
+    (tmp_path / "no_md5.py").write_text(
+        "import runpy, sys, torchvision.datasets.cifar\n"
+        "torchvision.datasets.cifar.check_integrity = lambda *args: True\n"
+        f"sys.argv[0], sys.path[0] = {os.path.join(REPO, 'prepare_cifar.py')!r}, {REPO!r}  # as if run directly\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    proc = run_script(tmp_path / "no_md5.py", "--vae=none", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    folder = tmp_path / "data" / "cifar10_pixels"
+    for split in ["train", "test"]:  # exact pixels, channels first, in the download's order
+        blob = load(folder, split)
+        assert torch.equal(blob["x"], expected[split][0]) and torch.equal(blob["labels"], expected[split][1])
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["classes"] == names and meta["counts"] == {"train": 20, "test": 4} and meta["source"] == "cifar10"
+
+    proc = run_script(tmp_path / "no_md5.py", "--vae=none", "--image_size=16", "--subset=10", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    train = load(tmp_path / "data" / "cifar10_pixels_16_subset10", "train")
+    assert torch.equal(train["labels"], torch.arange(10))  # one image of each class: the first ten
+    resized = [resize_crop(Image.fromarray(x.permute(1, 2, 0).numpy()), 16) for x in expected["train"][0][:10]]
+    assert torch.equal(train["x"], torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2))
+
+    (tmp_path / "a_file").write_text("")  # no download can go there: the one-line error, before any network
+    proc = prepare(tmp_path, "--vae=none", "--download_dir=a_file")
+    assert_clean_failure(proc, "could not download CIFAR-10 to a_file", "give a folder of images instead")
 
 
 def test_errors_leave_nothing_behind(tmp_path):

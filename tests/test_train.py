@@ -96,31 +96,16 @@ def test_resume_is_exact(tiny_dataset, tmp_path):
 
 def test_ddp_with_torchrun(tiny_dataset, tmp_path):
     os.symlink(tiny_dataset, tmp_path / "data")
-
-    def torchrun(out_dir, experiment):
-        return subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             os.path.join(REPO, "train.py"), *TINY, "--max_iters=40", "--mlflow_log=True",
-             f"--mlflow_experiment={experiment}", f"--out_dir={out_dir}"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600,
-            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MLFLOW_DISABLE_TELEMETRY="true"),
-        )
-
-    out, experiment = "out-debug", "ddp"
-    proc = torchrun(out, experiment)
-    if proc.returncode != 0 and "Signal 6 (SIGABRT)" in proc.stderr and "error:" not in proc.stderr:
-        # Seen twice, only on a machine overloaded by other test runs: a rank aborts inside
-        # torch's gloo backend ("terminate called without an active exception"). Once more,
-        # into a fresh folder; any other failure fails the test at once.
-        out, experiment = "out-debug-again", "ddp-again"
-        proc = torchrun(out, experiment)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "batch 16 = 2 processes x 1 steps x 8" in proc.stdout
-    assert "weights identical on all 2 processes: True" in proc.stdout
-    assert proc.stdout.count("iter 40: loss") == 1  # only rank 0 logs
-    ckpt = torch.load(tmp_path / out / "ckpt.pt", weights_only=True)
+    proc = start(tmp_path, "--max_iters=40", "--mlflow_log=True", "--mlflow_experiment=ddp", "--out_dir=out-debug",
+                 torchrun=["--standalone", "--nproc_per_node=2"])
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    assert "batch 16 = 2 processes x 1 steps x 8" in output
+    assert "weights identical on all 2 processes: True" in output
+    assert output.count("iter 40: loss") == 1  # only rank 0 logs
+    ckpt = torch.load(tmp_path / "out-debug" / "ckpt.pt", weights_only=True)
     assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])
-    the_only_run(mlflow_client(f"sqlite:///{tmp_path}/mlflow.db"), experiment)  # only rank 0 logs to MLflow
+    the_only_run(mlflow_client(f"sqlite:///{tmp_path}/mlflow.db"), "ddp")  # only rank 0 logs to MLflow
 
 
 def free_port():
