@@ -5,7 +5,7 @@ Prints ms per step, images/s, achieved TFLOP/s, MFU and peak memory.
 
     python bench.py                                            # the pixel CIFAR config
     python bench.py config/train_cifar.py --batch_size=256 --compile=True
-    python bench.py --compile=False --bench_sampling=False     # keys a train config sets but bench.py does not use are ignored
+    python bench.py --compile=False --bench_sampling=False     # keys only train.py uses are ignored
 """
 
 import os
@@ -13,8 +13,9 @@ import sys
 import time
 import torch
 
-from data import fail, load_meta
-from model import SAMPLERS, DiT, DiTConfig, autocast_context, diffusion_loss, get_noise_schedule, gpu_peak_flops
+from data import autocast_context, compile_model, fail, gpu_peak_flops, load_meta, pick_device
+from model import SAMPLERS, DiT, DiTConfig, diffusion_loss, get_noise_schedule
+from sample import sampler_settings
 
 # -----------------------------------------------------------------------------
 # default config values (with no config file on the command line, config/train_cifar_pixels.py is read first)
@@ -39,8 +40,8 @@ sample_batch_size = 256  # images per sampling batch (x2 inside the model with g
 sampler = "ddim"  # 'ddim' or 'dpm++2m'
 sample_steps = 20
 sample_cfg_scale = 1.5
-device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+device = "auto"  # 'auto' (a GPU if there is one, else the CPU), or e.g. 'cuda:1', 'cpu'
+dtype = "auto"  # autocast dtype: 'bfloat16' or 'float32' ('auto': bfloat16 on a GPU)
 compile = True
 peak_flops = 0.0  # the device's peak FLOP/s for MFU (0: look the GPU up in model.GPU_PEAK_FLOPS)
 seed = 1337
@@ -61,26 +62,27 @@ if not shape:
     fail(f"no {data_path}/meta.json to read the input shape from; pass --input_shape=C,H,W")
 if len(shape) != 3 or shape[1] != shape[2]:
     fail(f"input_shape must be C,H,W with H == W, got {shape}")
-if sampler not in SAMPLERS:
-    fail(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+device, dtype = pick_device(device, dtype)
+try:
+    sampler_settings(sampler, sample_steps, sample_cfg_scale)
+    autocast = autocast_context(device, dtype)
+    config = DiTConfig(input_size=shape[1], in_channels=shape[0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
+                       n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=num_classes, dropout=dropout,
+                       prediction=prediction)
+except ValueError as e:
+    fail(str(e))
 
 torch.manual_seed(seed)
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-autocast = autocast_context(device, dtype)
 synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-try:
-    config = DiTConfig(input_size=shape[1], in_channels=shape[0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
-                       n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=num_classes, dropout=dropout, prediction=prediction)
-except ValueError as e:
-    fail(str(e))
 model = DiT(config).to(device)
 ema_model = DiT(config).to(device).requires_grad_(False).eval()
-net = torch.compile(model) if compile else model
+net = compile_model(model, device) if compile else model
 schedule = get_noise_schedule(noise_schedule)
 optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.999), device_type)
-peak = peak_flops or (gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None)
+peak = peak_flops or gpu_peak_flops(device)
 
 # Synthetic data of the right shape, on the device, drawn by random indices as train.py does
 x_all = torch.randn(4096, *shape, device=device)
@@ -107,7 +109,8 @@ def timed(fn, repeats):
     for _ in range(repeats):
         fn()
     synchronize()
-    return (time.perf_counter() - t0) / repeats, torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
+    return (time.perf_counter() - t0) / repeats, memory
 
 
 print(f"warming up {warmup_steps} training steps{' (compiling)' if compile else ''}...", flush=True)
@@ -127,14 +130,17 @@ if bench_sampling:
     passes = 2 if sample_cfg_scale != 1.0 else 1  # cond + uncond in one batch
     flops = sample_batch_size * sample_steps * passes * model.flops_per_image(training=False)
     repeats = 3 if device_type == "cuda" else 1  # a CPU is slow enough that one run is steady
-    rows.append((f"{sampler} {sample_steps} steps, cfg {sample_cfg_scale}", sample_batch_size, flops, *timed(sample, repeats)))
+    what = f"{sampler} {sample_steps} steps, cfg {sample_cfg_scale}"
+    rows.append((what, sample_batch_size, flops, *timed(sample, repeats)))
 
 device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else device
-print(f"\n{device_name}, {model.num_params() / 1e6:.1f}M parameters, {model.grid_size**2} tokens per image ({'x'.join(map(str, shape))}, "
-      f"patch {patch_size}), {dtype}, compile {'on' if compile else 'off'}" + (f", peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
+print(f"\n{device_name}, {model.num_params() / 1e6:.1f}M parameters, {model.grid_size**2} tokens per image "
+      f"({'x'.join(map(str, shape))}, patch {patch_size}), {dtype}, compile {'on' if compile else 'off'}"
+      + (f", peak {peak / 1e12:.0f} TFLOP/s" if peak else ""))
 print("| what | batch | ms | images/s | TFLOP/s | MFU | peak memory |")
 print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 for what, batch, flops, seconds, memory in rows:
     mfu = f"{flops / seconds / peak * 100:.1f}%" if peak else "-"
     mem = f"{memory:.1f} GiB" if memory is not None else "-"
-    print(f"| {what} | {batch} | {seconds * 1000:.1f} | {batch / seconds:.1f} | {flops / seconds / 1e12:.3g} | {mfu} | {mem} |")
+    tflops = flops / seconds / 1e12
+    print(f"| {what} | {batch} | {seconds * 1000:.1f} | {batch / seconds:.1f} | {tflops:.3g} | {mfu} | {mem} |")

@@ -20,7 +20,8 @@ import sys as _sys
 
 _CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
 # every module-level value set so far, except _private names and CONSTANTS
-config_keys = [_k for _k, _v in globals().items() if not _k.startswith("_") and not _k.isupper() and isinstance(_v, _CONFIG_TYPES)]
+config_keys = [_k for _k, _v in globals().items()
+               if not _k.startswith("_") and not _k.isupper() and isinstance(_v, _CONFIG_TYPES)]
 
 
 def _checked_value(key, value, source):
@@ -39,7 +40,8 @@ def _checked_value(key, value, source):
             value = (value,)  # --classes=3 for a tuple key
         if isinstance(value, (tuple, list)):
             return type(default)(value)
-    _sys.exit(f"config error: {key} ({source}) expects {type(default).__name__} like {default!r}, got {type(value).__name__} {value!r}")
+    _sys.exit(f"config error: {key} ({source}) expects {type(default).__name__} like {default!r}, "
+              f"got {type(value).__name__} {value!r}")
 
 
 def _parse_value(key, text):

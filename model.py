@@ -1,26 +1,22 @@
 """
-The whole of nano-diffusion's model in one file, readable top to bottom:
+The whole of nano-diffusion's model in one file. Read it top to bottom as the lesson it is:
 
-1. DiT: a diffusion transformer in the PixArt-alpha style (https://arxiv.org/abs/2310.00426):
-   patches with fixed 2D sin-cos positions; adaLN-single (one shared MLP turns the timestep
-   into every block's shift/scale/gate vectors, each block adds its own learned table); and
-   attention to a learned class token (with a "no class" id for classifier-free guidance).
-2. Noise schedules: the variance-preserving ones of Chen 2023, "On the Importance of Noise
-   Scheduling for Diffusion Models" (https://arxiv.org/abs/2301.10972): linear, cosine,
-   sigmoid, with the input scale b; and the rectified-flow straight line.
-3. The training loss (shared by train.py and the tests): eps, v or flow-velocity targets.
-4. Samplers with classifier-free guidance (https://arxiv.org/abs/2207.12598): DDIM
+1. How noise is added. A path from data (t = 0) to pure noise (t = 1):
+       x_t = alpha_t * b * x0 + sigma_t * eps,   eps ~ N(0, I)
+   the variance-preserving schedules of Chen 2023 (https://arxiv.org/abs/2301.10972) and the
+   rectified-flow straight line (SD3, https://arxiv.org/abs/2403.03206).
+2. The network that learns to undo it: a diffusion transformer in the PixArt-alpha style
+   (https://arxiv.org/abs/2310.00426), told the time t and the class it should draw.
+3. The loss that teaches it: noise an image to a random t, and ask for the noise back (or a
+   mix of noise and image, the "target").
+4. The samplers that use it: start from pure noise and walk the path back to t = 0 in a few
+   steps, with classifier-free guidance (https://arxiv.org/abs/2207.12598): DDIM
    (https://arxiv.org/abs/2010.02502) and DPM-Solver++(2M) (https://arxiv.org/abs/2211.01095).
-
-Time is continuous: t in [0, 1], t = 0 is clean data, t = 1 is pure noise, and every
-schedule is a path between them given by alpha_t and sigma_t:
-    x_t = alpha_t * b * x_0 + sigma_t * eps,   eps ~ N(0, I)
 """
 
 import inspect
 import math
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +24,83 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# 1. The model
+# 1. How noise is added: paths and schedules
+#
+# Time is continuous, t in [0, 1]. A path says how much of the image (alpha_t) and how much
+# noise (sigma_t) there is at time t. Everything else (the loss, both samplers) uses nothing
+# but alpha_sigma(t), so a new path needs no new sampler.
+#
+# - Variance preserving (VP): alpha_t^2 + sigma_t^2 = 1. Chen 2023 writes gamma(t) for
+#   alpha_t^2, the share of the signal's variance left at t, falling from 1 to (nearly) 0.
+#   (Beware: VDM, Kingma et al. 2021, uses gamma for minus the log-SNR.) It is clipped to
+#   [clip_min, 1], so alpha never reaches 0. The defaults are the paper's.
+# - Flow: the straight line alpha_t = 1 - t, sigma_t = t between data and noise (rectified
+#   flow; SD3 section 2, SiT https://arxiv.org/abs/2401.08740).
+# - The input scale b (Chen 2023, section 3.2): the image is multiplied by b before it is
+#   noised, so b < 1 leaves less signal at every t. The model then works on b * x0: the loss
+#   scales the data by b (step 2 of diffusion_loss) and the samplers divide by b at the end.
+#
+# The log signal-to-noise ratio lambda_t = log(alpha_t / sigma_t) falls from +inf (t = 0)
+# to its lowest at t = 1 (-inf on the flow path): DPM-Solver++ spaces its steps by it.
+
+
+def linear_gamma(t, clip_min=1e-9):
+    return (1 - t).clamp(clip_min, 1.0)
+
+
+def cosine_gamma(t, start=0.0, end=1.0, tau=1.0, clip_min=1e-9):
+    # Stretch cos(pi/2 * u)^(2 tau) over u in [start, end] and renormalise to [1, 0].
+    v_start = math.cos(start * math.pi / 2) ** (2 * tau)
+    v_end = math.cos(end * math.pi / 2) ** (2 * tau)
+    v = torch.cos((t * (end - start) + start) * math.pi / 2) ** (2 * tau)
+    return ((v_end - v) / (v_end - v_start)).clamp(clip_min, 1.0)
+
+
+def sigmoid_gamma(t, start=-3.0, end=3.0, tau=1.0, clip_min=1e-9):
+    # Same idea with a sigmoid over [start, end]; larger tau flattens it.
+    v_start = 1 / (1 + math.exp(-start / tau))
+    v_end = 1 / (1 + math.exp(-end / tau))
+    v = torch.sigmoid((t * (end - start) + start) / tau)
+    return ((v_end - v) / (v_end - v_start)).clamp(clip_min, 1.0)
+
+
+GAMMA_FUNCTIONS = {"linear": linear_gamma, "cosine": cosine_gamma, "sigmoid": sigmoid_gamma}
+
+
+@dataclass
+class NoiseSchedule:
+    name: str  # 'linear', 'cosine', 'sigmoid' (variance preserving) or 'flow'
+    params: dict  # the gamma function's parameters, every one of them (get_noise_schedule fills in the defaults)
+    input_scale: float = 1.0  # b
+
+    def gamma(self, t):
+        """VP schedules: alpha_t^2, the share of the signal's variance left at time t."""
+        return GAMMA_FUNCTIONS[self.name](t, **self.params)
+
+    def alpha_sigma(self, t):
+        """(alpha_t, sigma_t) of x_t = alpha_t * b * x0 + sigma_t * eps."""
+        if self.name == "flow":
+            return 1 - t, t
+        gamma = self.gamma(t)
+        return gamma.sqrt(), (1 - gamma).sqrt()
+
+
+def get_noise_schedule(name, input_scale=1.0, **params):
+    """get_noise_schedule('sigmoid', start=0, end=3, tau=0.5, input_scale=0.5), or 'flow'."""
+    if name not in (*GAMMA_FUNCTIONS, "flow"):
+        raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(GAMMA_FUNCTIONS)}, flow")
+    signature = inspect.signature(GAMMA_FUNCTIONS[name]).parameters if name != "flow" else {}
+    defaults = {k: p.default for k, p in list(signature.items())[1:]}  # all but t
+    if unknown := set(params) - set(defaults):
+        takes = f"takes {', '.join(defaults)}" if defaults else "takes no parameters"
+        raise ValueError(f"noise schedule {name!r} {takes}, not {', '.join(sorted(unknown))}")
+    if input_scale <= 0:
+        raise ValueError(f"input_scale must be positive, got {input_scale}")
+    return NoiseSchedule(name, defaults | params, float(input_scale))
+
+
+# -----------------------------------------------------------------------------
+# 2. The network that undoes the noise: a DiT with adaLN-single and a class token
 
 
 @dataclass
@@ -42,20 +114,21 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 10  # class ids 0..num_classes-1; id num_classes means "no class"
     dropout: float = 0.0
-    prediction: str = "v"  # the target the model learns: 'v', 'eps' or 'velocity' (see diffusion_loss)
+    prediction: str = "v"  # what the network outputs: 'eps', 'v' or 'velocity' (section 3; 'v' is not 'velocity')
 
     def __post_init__(self):
         if self.prediction not in ("v", "eps", "velocity"):
             raise ValueError(f"prediction must be 'v', 'eps' or 'velocity', got {self.prediction!r}")
         if self.input_size % self.patch_size:
-            raise ValueError(f"input {self.in_channels}x{self.input_size}x{self.input_size} is not divisible by patch_size {self.patch_size}")
+            raise ValueError(f"input {self.in_channels}x{self.input_size}x{self.input_size} is not divisible by "
+                             f"patch_size {self.patch_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
 
 
 def sincos_pos_embed_2d(n_embd, grid_size):
-    """Fixed 2D sin-cos position embeddings (as in ViT-MAE and DiT): (grid_size**2, n_embd). Half of the channels encode
-    the row, half the column, each as sin/cos at geometrically spaced frequencies."""
+    """Fixed 2D sin-cos position embeddings (as in ViT-MAE and DiT): (grid_size**2, n_embd). Half of the channels
+    encode the row, half the column, each as sin/cos at geometrically spaced frequencies."""
     assert n_embd % 4 == 0, "n_embd must be divisible by 4 for 2D sin-cos embeddings"
     freqs = 1.0 / 10000 ** (torch.arange(n_embd // 4, dtype=torch.float64) / (n_embd // 4))
     coords = torch.arange(grid_size, dtype=torch.float64)
@@ -112,7 +185,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-single modulation (PixArt-alpha section 2.3)."""
+    """Pre-norm transformer block whose norms are modulated by the time (adaLN-single, PixArt-alpha section 2.3):
+    each half shifts and scales its normalised input, then gates what it adds to the residual stream."""
 
     def __init__(self, config):
         super().__init__()
@@ -122,19 +196,22 @@ class Block(nn.Module):
         hidden = int(config.n_embd * config.mlp_ratio)
         self.mlp = nn.Sequential(OrderedDict(fc=nn.Linear(config.n_embd, hidden), gelu=nn.GELU(approximate="tanh"),
                                              proj=nn.Linear(hidden, config.n_embd), dropout=nn.Dropout(config.dropout)))
-        # This block's own learned embedding, added to the shared timestep modulation:
-        # rows are shift/scale/gate for attention, then shift/scale/gate for the MLP.
-        self.scale_shift_table = nn.Parameter(torch.zeros(6, config.n_embd))
+        # This block's own learned offsets to the shared time modulation, one row each:
+        # shift, scale and gate for attention, then shift, scale and gate for the MLP.
+        self.modulation = nn.Parameter(torch.zeros(6, config.n_embd))
 
-    def forward(self, x, class_token, t_mod):
-        # x (B, N, D); class_token (B, 1, D); t_mod (B, 6, D) from the shared adaLN-single MLP
-        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t_mod).unbind(1)
+    def forward(self, x, class_token, time_modulation):
+        # x (B, N, D); class_token (B, 1, D); time_modulation (B, 6, D), made once per step by DiT.adaln_single
+        modulation = (self.modulation[None] + time_modulation).unbind(1)
+        shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = modulation
         x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn), class_token)
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
 class DiT(nn.Module):
+    """Noisy image x_t, its time t and a class y in; the prediction (config.prediction, section 3) out, as x_t."""
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -144,12 +221,12 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, self.grid_size)[None], persistent=False)  # (1, N, D)
         self.t_freq_dim = 256
         self.t_embedder = nn.Sequential(nn.Linear(self.t_freq_dim, D), nn.SiLU(), nn.Linear(D, D))
-        # adaLN-single: ONE linear layer makes the 6 modulation vectors for all blocks
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        # adaLN-single: ONE layer turns the time into the 6 modulation vectors that all blocks share
+        self.adaln_single = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.class_embed = nn.Embedding(config.num_classes + 1, D)  # +1: the "no class" id
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.out_scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+        self.out_modulation = nn.Parameter(torch.randn(2, D) / D**0.5)  # shift and scale before the output layer
         self.out = nn.Linear(D, p * p * config.in_channels)
         self._init_weights()
 
@@ -165,26 +242,25 @@ class DiT(nn.Module):
             nn.init.normal_(weight, std=0.02)
         # Zero the shared modulation, and give each block random shifts/scales but zero
         # gates: every block starts as the identity, and the output layer starts at zero.
-        for param in (self.t_block[1].weight, self.t_block[1].bias, self.out.weight, self.out.bias):
+        for param in (self.adaln_single[1].weight, self.adaln_single[1].bias, self.out.weight, self.out.bias):
             nn.init.zeros_(param)
         D = self.config.n_embd
         for block in self.blocks:
             with torch.no_grad():
-                block.scale_shift_table.copy_(torch.randn(6, D) / D**0.5)
-                block.scale_shift_table[[2, 5]] = 0.0  # the two gates
+                block.modulation.copy_(torch.randn(6, D) / D**0.5)
+                block.modulation[[2, 5]] = 0.0  # the two gates
 
     def forward(self, x, t, y):
-        """x (B, C, H, W) noisy input; t (B,) float in [0, 1]; y (B,) long class ids,
-        y == num_classes meaning "no class". Returns the prediction (eps or v), shaped as x."""
+        """x (B, C, H, W) noisy input; t (B,) float in [0, 1]; y (B,) long class ids, num_classes meaning "no class"."""
         B, C, H, W = x.shape
         p, D = self.config.patch_size, self.config.n_embd
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         t_emb = self.t_embedder(timestep_embedding(t, self.t_freq_dim))  # (B, D)
-        t_mod = self.t_block(t_emb).view(B, 6, D)  # computed once, shared by all blocks
+        time_modulation = self.adaln_single(t_emb).view(B, 6, D)  # computed once, shared by all blocks
         class_token = self.class_embed(y)[:, None]  # (B, 1, D)
         for block in self.blocks:
-            x = block(x, class_token, t_mod)
-        shift, scale = (self.out_scale_shift_table[None] + t_emb[:, None]).unbind(1)  # 2 x (B, D)
+            x = block(x, class_token, time_modulation)
+        shift, scale = (self.out_modulation[None] + t_emb[:, None]).unbind(1)  # 2 x (B, D)
         x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*C)
         # unpatchify: (B, h*w, p*p*C) -> (B, C, h*p, w*p)
         x = x.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)
@@ -202,14 +278,15 @@ class DiT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
 
     def flops_per_image(self, training=True):
-        """Matmul FLOPs (2 per multiply-add) for one image; training counts the forward pass and a backward pass twice
-        as expensive. Elementwise ops, norms and softmax are left out: they are a few percent of the total."""
+        """Matmul FLOPs (2 per multiply-add) for one image; training counts the forward pass and a backward pass
+        twice as expensive. Elementwise ops, norms and softmax are left out: they are a few percent of the total."""
         c, N = self.config, self.grid_size**2
         D, L, p, C, hidden = c.n_embd, c.n_layer, c.patch_size, c.in_channels, int(c.n_embd * c.mlp_ratio)
         # qkv, the class token's k and v, q @ k^T and attention @ v over N+1 keys, projection, MLP
         per_block = 2 * N * D * 3 * D + 2 * D * 2 * D + 2 * 2 * N * (N + 1) * D + 2 * N * D * D + 2 * 2 * N * D * hidden
         # patch embedding, timestep MLP, adaLN-single, the blocks, output layer
-        forward = 2 * N * C * p * p * D + 2 * (self.t_freq_dim * D + D * D) + 2 * D * 6 * D + L * per_block + 2 * N * D * p * p * C
+        forward = (2 * N * C * p * p * D + 2 * (self.t_freq_dim * D + D * D) + 2 * D * 6 * D + L * per_block
+                   + 2 * N * D * p * p * C)
         return 3 * forward if training else forward
 
 
@@ -220,82 +297,25 @@ def unwrap_model(model):
 
 
 # -----------------------------------------------------------------------------
-# 2. Noise schedules. A schedule is a path from data (t = 0) to noise (t = 1):
-#     x_t = alpha_t * b * x0 + sigma_t * eps
-# and the loss and both samplers use nothing but alpha_sigma(t), so a new path needs
-# no new sampler. The VP schedules of Chen 2023 (arXiv 2301.10972, Algorithm 1 and its
-# reference code) give gamma(t) = alpha_t^2, falling from 1 to (nearly) 0, clipped to
-# [clip_min, 1] so that alpha never reaches 0, and sigma_t^2 = 1 - gamma(t); the defaults
-# are the paper's. 'flow' is the rectified-flow straight line alpha_t = 1 - t, sigma_t = t
-# (SD3, arXiv 2403.03206, section 2; SiT, arXiv 2401.08740).
-
-
-def linear_gamma(t, clip_min=1e-9):
-    return (1 - t).clamp(clip_min, 1.0)
-
-
-def cosine_gamma(t, start=0.0, end=1.0, tau=1.0, clip_min=1e-9):
-    # Stretch cos(pi/2 * u)^(2 tau) over u in [start, end] and renormalise to [1, 0].
-    v_start = math.cos(start * math.pi / 2) ** (2 * tau)
-    v_end = math.cos(end * math.pi / 2) ** (2 * tau)
-    v = torch.cos((t * (end - start) + start) * math.pi / 2) ** (2 * tau)
-    return ((v_end - v) / (v_end - v_start)).clamp(clip_min, 1.0)
-
-
-def sigmoid_gamma(t, start=-3.0, end=3.0, tau=1.0, clip_min=1e-9):
-    # Same idea with a sigmoid over [start, end]; larger tau flattens it.
-    v_start = 1 / (1 + math.exp(-start / tau))
-    v_end = 1 / (1 + math.exp(-end / tau))
-    v = torch.sigmoid((t * (end - start) + start) / tau)
-    return ((v_end - v) / (v_end - v_start)).clamp(clip_min, 1.0)
-
-
-GAMMA_FUNCTIONS = {"linear": linear_gamma, "cosine": cosine_gamma, "sigmoid": sigmoid_gamma}
-
-
-@dataclass
-class NoiseSchedule:
-    name: str  # 'linear', 'cosine', 'sigmoid' (variance preserving) or 'flow'
-    params: dict
-    input_scale: float = 1.0  # b: data is scaled by b before noising; b < 1 makes it noisier
-
-    def gamma(self, t):
-        """VP schedules: the fraction of signal variance left at time t, alpha_t^2."""
-        return GAMMA_FUNCTIONS[self.name](t, **self.params)
-
-    def alpha_sigma(self, t):
-        """(alpha_t, sigma_t) of x_t = alpha_t * b * x0 + sigma_t * eps."""
-        if self.name == "flow":
-            return 1 - t, t
-        gamma = self.gamma(t)
-        return gamma.sqrt(), (1 - gamma).sqrt()
-
-
-def get_noise_schedule(name, input_scale=1.0, **params):
-    """get_noise_schedule('sigmoid', start=0, end=3, tau=0.5, input_scale=0.5), or 'flow'."""
-    if name not in (*GAMMA_FUNCTIONS, "flow"):
-        raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(GAMMA_FUNCTIONS)}, flow")
-    allowed = list(inspect.signature(GAMMA_FUNCTIONS[name]).parameters)[1:] if name != "flow" else []  # all but t
-    if unknown := set(params) - set(allowed):
-        takes = f"takes {', '.join(allowed)}" if allowed else "takes no parameters"
-        raise ValueError(f"noise schedule {name!r} {takes}, not {', '.join(sorted(unknown))}")
-    if input_scale <= 0:
-        raise ValueError(f"input_scale must be positive, got {input_scale}")
-    return NoiseSchedule(name, dict(params), float(input_scale))
+# 3. The loss: noise an image to a random time, and regress the network's output onto a target
+#
+# The target, config.prediction. Two of the names are alike and mean different things:
+#   'eps'       the noise itself (DDPM). To get x0 back the samplers divide by alpha_t, which
+#               is ~0 near pure noise: it cannot work on the flow path (check_objective).
+#   'v'         alpha_t * eps - sigma_t * x0 (Salimans & Ho 2022, https://arxiv.org/abs/2202.00512),
+#               a rotation of (eps, x0) made for VP paths; it also works on the flow path.
+#   'velocity'  eps - x0: the flow path's own velocity dx_t/dt (rectified flow, SD3, SiT);
+#               only on the flow path, where x_t = x0 + t * (eps - x0).
 
 
 def check_objective(noise_schedule, prediction):
     """A clear error for a path and a prediction target that do not go together."""
     if prediction == "velocity" and noise_schedule.name != "flow":
-        raise ValueError(f"prediction 'velocity' is the rectified-flow target eps - x0: use it with noise_schedule='flow' "
-                         f"(with {noise_schedule.name!r}, use 'v' or 'eps')")
+        raise ValueError(f"prediction 'velocity' is the rectified-flow target eps - x0: use it with "
+                         f"noise_schedule='flow' (with {noise_schedule.name!r}, use 'v' or 'eps')")
     if prediction == "eps" and noise_schedule.name == "flow":
-        raise ValueError("prediction 'eps' cannot work with noise_schedule='flow': at t=1 the path is pure noise (alpha = 0), "
-                         "so a predicted eps says nothing about x0; use prediction='velocity' (or 'v')")
-
-
-# -----------------------------------------------------------------------------
-# 3. The training loss
+        raise ValueError("prediction 'eps' cannot work with noise_schedule='flow': at t=1 the path is pure noise "
+                         "(alpha = 0), so a predicted eps says nothing about x0; use prediction='velocity' (or 'v')")
 
 
 def sample_t(batch_size, t_sampling, device, generator=None):
@@ -309,20 +329,18 @@ def sample_t(batch_size, t_sampling, device, generator=None):
 
 
 def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None):
-    """Mean squared error between the model's prediction and its target on x0 noised at
-    random times. The targets: 'eps' (DDPM), 'v' = alpha eps - sigma x0 (Salimans & Ho
-    2022, arXiv 2202.00512), 'velocity' = eps - x0, the flow path's dx_t/dt."""
+    """Mean squared error between the network's prediction and its target, on images x0 noised at random times."""
     config = unwrap_model(model).config
     B, device = x0.shape[0], x0.device
     # 1. a random time and noise for every image
     t = sample_t(B, t_sampling, device, generator)
     eps = torch.randn(x0.shape, device=device, generator=generator)
-    # 2. the noisy image on the path at that time
+    # 2. the noisy image on the path at that time (the data scaled by b first: section 1)
     alpha, sigma = (c.view(B, 1, 1, 1) for c in noise_schedule.alpha_sigma(t))
     x0 = x0 * noise_schedule.input_scale
     x_t = alpha * x0 + sigma * eps
     # 3. with probability class_dropout the "no class" id instead of the label, so that the
-    #    same model also learns the unconditional prediction guidance needs
+    #    same network also learns the unconditional prediction guidance needs
     if class_dropout > 0:
         drop = torch.rand(B, device=device, generator=generator) < class_dropout
         y = torch.where(drop, config.num_classes, y)
@@ -332,11 +350,17 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
 
 
 # -----------------------------------------------------------------------------
-# 4. Sampling: classifier-free guidance, DDIM and DPM-Solver++(2M)
+# 4. Sampling: walk the path back from pure noise to t = 0
+#
+# Every sampler here repeats one move. At the current point x (time t) the network guesses the
+# clean image x0; the noise that goes with that guess is then eps = (x - alpha_t x0) / sigma_t.
+# DDIM keeps both and puts them together at the next, lower noise level. That is a step of the
+# probability-flow ODE, whose solution maps each x_T to one image. DPM-Solver++(2M) makes the
+# same move with a better x0. Samplers work in b-scaled space and divide by b at the end.
 
 
 def guided_prediction(model, x, t, y, cfg_scale=1.0):
-    """The model's prediction with classifier-free guidance: uncond + cfg_scale * (cond - uncond). The conditional and
+    """The network's output with classifier-free guidance: uncond + cfg_scale * (cond - uncond). The conditional and
     unconditional halves run as ONE batch of 2B; cfg_scale == 1 is plain conditional prediction (one pass of B)."""
     if cfg_scale == 1.0:
         return model(x, t, y).float()
@@ -345,135 +369,129 @@ def guided_prediction(model, x, t, y, cfg_scale=1.0):
     return uncond + cfg_scale * (cond - uncond)
 
 
-def predict_x0_eps(model, x, t, y, alpha, sigma, cfg_scale, clip_x0):
-    """One (guided) model evaluation at x = alpha x0 + sigma eps, as predictions of x0 (in b-scaled space) and eps.
-    clip_x0 clamps x0 to [-clip_x0, clip_x0], the data's range (times b): with eps prediction at t=1, alpha ~ 3e-5
-    multiplies any error of eps by ~3e4 (v and velocity need no division, one reason they are preferred)."""
-    config = unwrap_model(model).config
+def predict_x0(model, x, t, y, alpha, sigma, cfg_scale=1.0, clip_x0=None):
+    """The network's (guided) guess of the clean image x0 (b-scaled) at x = alpha x0 + sigma eps, time t. clip_x0
+    clamps it to the data's range, [-clip_x0, clip_x0]: with 'eps' at t=1, where alpha ~ 3e-5, any error of the
+    prediction is multiplied by ~3e4."""
     out = guided_prediction(model, x, torch.full((len(x),), t, device=x.device), y, cfg_scale)
-    if config.prediction == "eps":  # alpha > 0: VP gammas are clipped, check_objective rules out flow
-        x0, eps = (x - sigma * out) / alpha, out
-    elif config.prediction == "velocity":  # out = eps - x0 on the flow path, where alpha + sigma = 1
-        x0, eps = x - sigma * out, x + alpha * out
-    else:  # v = alpha eps - sigma x0; alpha^2 + sigma^2 is 1 on VP paths
-        norm = alpha**2 + sigma**2
-        x0, eps = (alpha * x - sigma * out) / norm, (sigma * x + alpha * out) / norm
-    if clip_x0 is not None:
-        x0 = x0.clamp(-clip_x0, clip_x0)
-        eps = (x - alpha * x0) / sigma  # sigma > 0 at every model evaluation (t > 0)
-    return x0, eps
+    prediction = unwrap_model(model).config.prediction
+    if prediction == "eps":  # out = eps; alpha > 0 (VP gammas are clipped, check_objective rules out the flow path)
+        x0 = (x - sigma * out) / alpha
+    elif prediction == "velocity":  # out = eps - x0, and x = x0 + sigma (eps - x0) on the flow path
+        x0 = x - sigma * out
+    else:  # out = v = alpha eps - sigma x0, so alpha x - sigma v = (alpha^2 + sigma^2) x0: 1 on VP paths, not on flow
+        x0 = (alpha * x - sigma * out) / (alpha**2 + sigma**2)
+    return x0 if clip_x0 is None else x0.clamp(-clip_x0, clip_x0)
 
 
-def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
-    """steps + 1 times from t=1 to t=0 whose inner points are evenly spaced in log-SNR lambda = log(alpha / sigma) over
-    lambda_range (clipped to the schedule's own lambda(1)), found by bisection since lambda falls as t grows.
-    DPM-Solver's grid for pixel models (Lu et al. 2022, section 3.3): the steps crowd where the image changes fast."""
-    alpha, sigma = noise_schedule.alpha_sigma(torch.ones((), dtype=torch.float64))
-    lambdas = torch.linspace(max(lambda_range[0], (alpha.log() - sigma.log()).item()), lambda_range[1], steps + 1, dtype=torch.float64)
-    lo, hi = torch.zeros_like(lambdas), torch.ones_like(lambdas)
-    for _ in range(60):  # 60 halvings: float64 resolution
-        mid = (lo + hi) / 2
-        alpha, sigma = noise_schedule.alpha_sigma(mid)
-        later = alpha.log() - sigma.log() > lambdas  # still too little noise at mid
-        lo, hi = torch.where(later, mid, lo), torch.where(later, hi, mid)
-    ts = (lo + hi) / 2
-    ts[0], ts[-1] = 1.0, 0.0  # start at pure noise, end at clean data
-    return ts
+def ddim_step(x, x0, now, next, eta=0.0, noise=None):
+    """One DDIM step (Song et al. 2020, eq. 12) from x at the noise level now = (alpha, sigma) to next: keep the guess
+    x0 and the noise that goes with it, eps = (x - alpha x0) / sigma, and mix them at the next level. eta > 0 swaps
+    part of eps for fresh noise from noise(): eta = 1 draws from DDPM's posterior q(x_next | x, x0), whose standard
+    deviation for any path is sigma_next * sqrt(1 - (alpha sigma_next / (alpha_next sigma))^2)."""
+    (alpha, sigma), (alpha_next, sigma_next) = now, next
+    eps = (x - alpha * x0) / sigma  # sigma > 0: the network is never asked at t = 0
+    fresh = eta * sigma_next * math.sqrt(max(1 - (alpha * sigma_next / (alpha_next * sigma)) ** 2, 0.0))
+    x_next = alpha_next * x0 + math.sqrt(max(sigma_next**2 - fresh**2, 0.0)) * eps
+    return x_next + fresh * noise() if fresh > 0 else x_next
 
 
-def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, return_trajectory=False, eta=0.0, generator=None, second_order=False):
-    """Integrate from x_T at ts[0] = 1 to ts[-1] = 0 over the float64 times ts: DDIM, or with
-    second_order DPM-Solver++(2M). Returns x0 (divided by b), and with return_trajectory a
-    dict of lists: 'x_t' (x_T ... x_0) and 'x0_pred' (one per step), all divided by b."""
+def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second_order=False, eta=0.0, noise=None,
+          return_trajectory=False):
+    """Walk from x_T at ts[0] = 1 down the float64 times ts to ts[-1] = 0: DDIM steps, or with second_order those of
+    DPM-Solver++(2M). Returns x0 (divided by b), and with return_trajectory also a dict of lists, all divided by b:
+    'x_t' (x_T ... x_0, the points visited) and 'x0_pred' (the network's guess at each of them but the last)."""
     if len(ts) < 2:
         raise ValueError(f"steps must be at least 1, got {len(ts) - 1}")
     b = noise_schedule.input_scale
     alphas, sigmas = noise_schedule.alpha_sigma(ts)
     alphas[-1], sigmas[-1] = 1.0, 0.0  # t = 0 is clean data, whatever the schedule's rounding
-    lambdas = (alphas.log() - sigmas.log()).tolist()  # log-SNR: +inf at t = 0, -inf at t = 1 on the flow path
-    alphas, sigmas = alphas.tolist(), sigmas.tolist()
-    x = x_T.float()
+    lambdas = (alphas.log() - sigmas.log()).tolist()  # log-SNR: +inf at t = 0; -inf at t = 1 on the flow path
+    levels = list(zip(alphas.tolist(), sigmas.tolist()))
+    noise = noise or (lambda: torch.randn_like(x_T))
+    x, x0_prev = x_T.float(), None
     trajectory = {"x_t": [x / b], "x0_pred": []}
-    x0_prev = None
     for i in range(len(ts) - 1):
-        a_t, s_t, a_s, s_s = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]  # from time t to the earlier time s
-        x0, eps = predict_x0_eps(model, x, ts[i].item(), y, a_t, s_t, cfg_scale, None if clip_x0 is None else clip_x0 * b)
-        x0_step, eps_step = x0, eps
-        if second_order and x0_prev is not None and s_s > 0:
-            # DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) is this DDIM step
-            # with a better x0: the last two predictions extrapolated linearly in lambda to the
-            # middle of the step, r = previous step / this step, both measured in lambda.
+        x0 = predict_x0(model, x, ts[i].item(), y, *levels[i], cfg_scale, None if clip_x0 is None else clip_x0 * b)
+        x0_step = x0
+        if second_order and x0_prev is not None and math.isfinite(lambdas[i - 1]) and levels[i + 1][1] > 0:
+            # DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the last two guesses of x0, extrapolated linearly in
+            # lambda to the middle of this step; r = previous step / this step, both measured in lambda. The first
+            # and last steps stay DDIM's, and so does the second on the flow path, whose first lambda is -inf.
             r = (lambdas[i] - lambdas[i - 1]) / (lambdas[i + 1] - lambdas[i])
             x0_step = x0 + (x0 - x0_prev) / (2 * r)
-            eps_step = (x - a_t * x0_step) / s_t
-        # DDIM step (Song et al. 2020, eq. 12): x0 and eps carried to the noise level of s; eta > 0
-        # swaps part of eps for fresh noise (eta = 1: DDPM's posterior q(x_s | x_t, x0)).
-        noise_std = eta * s_s * math.sqrt(max(1 - (a_t * s_s / (a_s * s_t)) ** 2, 0.0))
-        x = a_s * x0_step + math.sqrt(max(s_s**2 - noise_std**2, 0.0)) * eps_step
-        if noise_std > 0:
-            x = x + noise_std * torch.randn(x.shape, device=x.device, generator=generator)
-        x0_prev = x0
-        if return_trajectory:
-            trajectory["x_t"].append(x / b)
-            trajectory["x0_pred"].append(x0 / b)
+        x, x0_prev = ddim_step(x, x0_step, levels[i], levels[i + 1], eta, noise), x0
+        trajectory["x_t"].append(x / b)
+        trajectory["x0_pred"].append(x0 / b)
     return (x / b, trajectory) if return_trajectory else x / b
 
 
+def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
+    """steps + 1 times from t = 1 down to t = 0, evenly spaced in log-SNR lambda (DPM-Solver's grid for pixel models,
+    Lu et al. 2022, section 3.3): the steps crowd where the image changes fast. The grid spans lambda_range, the
+    paper's (-5, 5), cut at the schedule's own lowest lambda; its two ends are then moved to t = 1 (pure noise, where
+    sampling starts) and t = 0 (the clean image), which lengthens the first and last steps a little."""
+    alpha, sigma = noise_schedule.alpha_sigma(torch.ones((), dtype=torch.float64))
+    lowest = max(lambda_range[0], (alpha.log() - sigma.log()).item())
+    lambdas = torch.linspace(lowest, lambda_range[1], steps + 1, dtype=torch.float64)
+    # lambda falls as t grows: find each time by bisection on [0, 1], 60 halvings for float64's resolution
+    lo, hi = torch.zeros_like(lambdas), torch.ones_like(lambdas)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        alpha, sigma = noise_schedule.alpha_sigma(mid)
+        after_mid = alpha.log() - sigma.log() > lambdas  # mid still has too little noise: the time is later
+        lo, hi = torch.where(after_mid, mid, lo), torch.where(after_mid, hi, mid)
+    ts = (lo + hi) / 2
+    ts[0], ts[-1] = 1.0, 0.0
+    return ts
+
+
 @torch.no_grad()
-def ddim_sample(model, noise_schedule, x_T, y, steps=50, cfg_scale=1.0, eta=0.0, generator=None, return_trajectory=False, clip_x0=None):
-    """DDIM (Song et al. 2020, arXiv 2010.02502) from t=1 to t=0 in `steps` model evaluations, evenly spaced in t. eta=0
-    is deterministic, eta=1 adds DDPM-like noise at every step (drawn from generator). x_T (B, C, H, W) standard normal
-    noise; y (B,) class ids (num_classes = unconditional); clip_x0 clamps each predicted x0 to [-clip_x0, clip_x0] (1.0
-    for pixels in [-1, 1]). Returns x0, and with return_trajectory (x0, trajectory): see solve()."""
+def ddim_sample(model, noise_schedule, x_T, y, steps=50, cfg_scale=1.0, eta=0.0, noise=None, clip_x0=None,
+                return_trajectory=False):
+    """DDIM (Song et al. 2020) from x_T (B, C, H, W), standard normal, to t = 0 in `steps` network evaluations evenly
+    spaced in t, for class ids y (B,) (num_classes = unconditional). eta = 0 is deterministic; eta > 0 adds fresh
+    noise from noise() (default torch.randn_like). clip_x0: see predict_x0 (1.0 for pixels in [-1, 1]).
+    Returns the samples, and with return_trajectory (samples, trajectory): see solve()."""
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, return_trajectory, eta=eta, generator=generator)
+    return solve(model, noise_schedule, x_T, y, ts, cfg_scale=cfg_scale, clip_x0=clip_x0, eta=eta, noise=noise,
+                 return_trajectory=return_trajectory)
 
 
 @torch.no_grad()
-def dpm_solver_sample(model, noise_schedule, x_T, y, steps=20, cfg_scale=1.0, generator=None, return_trajectory=False, clip_x0=None):
-    """DPM-Solver++(2M) (Lu et al. 2022): multistep, second order, on the data prediction,
-    with a first-order (DDIM) first and last step, over logsnr_times. Deterministic (generator
-    is unused); otherwise the arguments and the result are ddim_sample's."""
+def dpm_solver_sample(model, noise_schedule, x_T, y, steps=20, cfg_scale=1.0, clip_x0=None, return_trajectory=False):
+    """DPM-Solver++(2M) (Lu et al. 2022): DDIM's move with a second-order guess of x0, over logsnr_times.
+    Deterministic; otherwise the arguments and the result are ddim_sample's."""
     ts = logsnr_times(noise_schedule, steps)
-    return solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, return_trajectory, second_order=True)
+    return solve(model, noise_schedule, x_T, y, ts, cfg_scale=cfg_scale, clip_x0=clip_x0, second_order=True,
+                 return_trajectory=return_trajectory)
 
 
 SAMPLERS = {"ddim": ddim_sample, "dpm++2m": dpm_solver_sample}
 
 
-def initial_noise(shape, indices, seed):
-    """x_T for the images with these indices: image i's noise comes from its own CPU
-    generator seeded from (seed, i), so it is the same whatever the batch size or device."""
-    generator = torch.Generator()
-    return torch.stack([torch.randn(shape, generator=generator.manual_seed(seed * 1_000_003 + i)) for i in indices])
+def noise_streams(indices, seed):
+    """One CPU random generator per image, seeded from (seed, its index): image i's noise, x_T first and then any
+    noise the sampler adds, is the same whatever batch it is in, whatever the batch size or the device."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+
+
+def draw(streams, shape):
+    """The next standard normal noise of every stream, stacked: (len(streams), *shape) on the CPU."""
+    return torch.stack([torch.randn(shape, generator=g) for g in streams])
 
 
 @torch.no_grad()
-def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, first_index=0, sampler="ddim", **sampler_kwargs):
-    """Samples for many labels (model space, on the CPU), in batches of batch_size, from initial_noise(seed) of images
-    first_index, first_index + 1, ... sampler_kwargs go to the sampler, 'ddim' or 'dpm++2m' (steps, cfg_scale, clip_x0,
-    and DDIM's eta); with eta > 0 the added noise comes from one generator seeded with (seed, first_index)."""
+def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, first_index=0, sampler="ddim", **kwargs):
+    """Samples (model space, on the CPU) of the images first_index, first_index + 1, ... with these labels, in
+    batches; each image's noise comes from its own noise_streams generator. kwargs go to the sampler, 'ddim' or
+    'dpm++2m': steps, cfg_scale, clip_x0, and DDIM's eta."""
     device = next(unwrap_model(model).parameters()).device
-    step_generator = torch.Generator(device).manual_seed(seed * 1_000_003 + first_index)
     samples = []
     for i in range(0, len(labels), batch_size):
         y = labels[i : i + batch_size].to(device)
-        x_T = initial_noise(shape, range(first_index + i, first_index + i + len(y)), seed).to(device)
-        samples.append(SAMPLERS[sampler](model, noise_schedule, x_T, y, generator=step_generator, **sampler_kwargs).cpu())
+        streams = noise_streams(range(first_index + i, first_index + i + len(y)), seed)
+        x_T = draw(streams, shape).to(device)
+        extra = {"noise": lambda: draw(streams, shape).to(device)} if kwargs.get("eta") else {}
+        samples.append(SAMPLERS[sampler](model, noise_schedule, x_T, y, **kwargs, **extra).cpu())
     return torch.cat(samples)
-
-
-def autocast_context(device, dtype):
-    """bf16 autocast on the device for dtype 'bfloat16', nothing otherwise (float32)."""
-    if dtype != "bfloat16":
-        return nullcontext()
-    return torch.autocast("cuda" if device.startswith("cuda") else device.split(":")[0], dtype=torch.bfloat16)
-
-
-# Dense bf16 matmul peak of known GPUs (datasheet numbers, FLOP/s), for MFU.
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12, "A10": 125e12}
-
-
-def gpu_peak_flops(device_name):
-    """Peak bf16 FLOP/s of a GPU by (part of) its name, e.g. 'NVIDIA H100 80GB HBM3'; None if unknown."""
-    return next((flops for name, flops in GPU_PEAK_FLOPS.items() if name in device_name), None)

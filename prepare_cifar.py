@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from data import (IMAGE_EXTENSIONS, DataError, encode, fail, load_cifar10, load_vae, read_images, resize_crop, to_model_space,
-                  vae_scaling, write_atomically)
+from data import (IMAGE_EXTENSIONS, DataError, encode, fail, load_cifar10, load_vae, pick_device, progress, read_images,
+                  resize_crop, to_model_space, vae_scaling, write_atomically)
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -31,9 +31,10 @@ subset = 0  # keep only the first N images of each split (0 = all), for quick de
 data_dir = "data"  # the dataset goes to data_dir/<out>
 out = ""  # the dataset's folder name; '' makes one that says what it is
 batch_size = 256  # images per VAE forward pass
-device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+device = "auto"  # where the VAE runs: 'auto' (a GPU if there is one, else the CPU), or e.g. 'cuda:1', 'cpu'
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+device = pick_device(device)[0]
 # -----------------------------------------------------------------------------
 
 
@@ -42,7 +43,7 @@ def take_subset(labels, n):
     if not n or n >= len(labels):
         return np.arange(len(labels))
     per_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    order = [idx for rank in range(max(map(len, per_class))) for idx in (pc[rank] for pc in per_class if rank < len(pc))]
+    order = [pc[rank] for rank in range(max(map(len, per_class))) for pc in per_class if rank < len(pc)]
     return np.sort(np.array(order[:n]))
 
 
@@ -84,9 +85,10 @@ def load_folder():
     split_dirs = {s: os.path.join(source, s) for s in ["train", "test"] if os.path.isdir(os.path.join(source, s))}
     if "train" not in split_dirs:
         split_dirs = {"train": source}
-    classes = sorted(d for d in os.listdir(split_dirs["train"]) if os.path.isdir(os.path.join(split_dirs["train"], d)) and not d.startswith("."))
+    train_dir = split_dirs["train"]
+    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)) and d[0] != ".")
     if not classes:
-        raise DataError(f"{split_dirs['train']} has no class sub-folders; expected {split_dirs['train']}/<class name>/<image files>")
+        raise DataError(f"{train_dir} has no class sub-folders; expected {train_dir}/<class name>/<image files>")
     return {split: load_folder_split(folder, classes, split) for split, folder in split_dirs.items()}, classes
 
 
@@ -94,13 +96,12 @@ def encode_split(vae_model, images, labels, what, with_flips):
     """Latents of the images (and of their mirror images), float32 on the CPU."""
     batches, t0 = [], time.time()
     views = [images, images.flip(-1)] if with_flips else [images]
-    total = sum(len(v) for v in views)
-    for view in views:
-        for i in range(0, len(view), batch_size):
-            batches.append(encode(vae_model, view[i : i + batch_size]).cpu())
-            done = sum(len(b) for b in batches)
-            if done % (20 * batch_size) < batch_size or done == total:
-                print(f"encoding {what}: {done}/{total} images, {done / (time.time() - t0):.0f} images/s", flush=True)
+    with progress(sum(len(v) for v in views), f"encoding {what}") as bar:
+        for view in views:
+            for i in range(0, len(view), batch_size):
+                batches.append(encode(vae_model, view[i : i + batch_size]).cpu())
+                bar.update(len(batches[-1]))
+    print(f"encoded {what}: {bar.n} images in {time.time() - t0:.1f} s")
     return torch.cat(batches), labels.repeat(len(views))
 
 
@@ -136,9 +137,11 @@ else:
         t["x"], t["labels"] = encode_split(vae_model, t["x"], t["labels"], split, flip and split == "train")
     train_latents = tensors["train"]["x"]
     scale, shift = vae_scaling(vae_model)
-    meta.update(channels=train_latents.shape[1], shape=list(train_latents.shape[1:]), vae=vae, scaling_factor=scale, shift_factor=shift,
-                flipped_copies=bool(flip),  # and the per-channel statistics train.py normalises with (sample.py undoes it)
-                latent_mean=train_latents.mean(dim=(0, 2, 3)).tolist(), latent_std=train_latents.std(dim=(0, 2, 3)).tolist())
+    meta.update(channels=train_latents.shape[1], shape=list(train_latents.shape[1:]), vae=vae, scaling_factor=scale,
+                shift_factor=shift, flipped_copies=bool(flip),
+                # and the per-channel statistics train.py normalises with (sample.py undoes it)
+                latent_mean=train_latents.mean(dim=(0, 2, 3)).tolist(),
+                latent_std=train_latents.std(dim=(0, 2, 3)).tolist())
     # the largest |value| of the normalised train latents: samplers clip predicted x0 to it
     meta["clip_x0"] = to_model_space(train_latents, meta).abs().max().item()
     for split in tensors:  # float16 on disk: its rounding is far below the VAE's own error

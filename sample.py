@@ -1,7 +1,7 @@
 """
 Generate images from a checkpoint made by train.py.
 
-    python sample.py --ckpt=out/ckpt.pt --classes=3,5
+    python sample.py --classes=3,5                  # from the newest out*/ckpt.pt in this folder
     python sample.py --ckpt=out/ckpt.pt --classes=cat,dog --num_per_class=16 --sampler=dpm++2m --steps=10 --seed=0
     python sample.py --ckpt=out/ckpt.pt --classes=all --trajectory=True
     python sample.py config/sample_grid.py          # a config file can hold the class list
@@ -11,6 +11,7 @@ class, its name on the left) and, with --trajectory=True, trajectory.png.
 fid.py and train.py take their checkpoints and samples from here: one code path.
 """
 
+import glob
 import os
 import re
 import time
@@ -18,12 +19,13 @@ from contextlib import nullcontext
 
 import torch
 
-from data import DataError, fail, load_vae, one_line, save_png, to_images, write_atomically
-from model import SAMPLERS, DiT, DiTConfig, NoiseSchedule, autocast_context, generate, initial_noise
+from data import (DataError, autocast_context, compile_model, fail, load_vae, one_line, pick_device, progress, save_png,
+                  to_images, write_atomically)
+from model import SAMPLERS, DiT, DiTConfig, NoiseSchedule, draw, generate, noise_streams
 
 # -----------------------------------------------------------------------------
 # default config values
-ckpt = "out/ckpt.pt"  # a checkpoint written by train.py (ckpt.pt or best.pt)
+ckpt = ""  # a checkpoint written by train.py (ckpt.pt or best.pt); '' = the newest out*/ckpt.pt in this folder
 classes = "all"  # class ids or names, comma-separated ('3,5', 'cat,dog', '3,3,3'), or 'all'
 num_per_class = 8  # images per requested class: the columns of grid.png
 sampler = "ddim"  # 'ddim', or 'dpm++2m' (DPM-Solver++(2M): nearer the ODE's solution in fewer steps; README, Samplers)
@@ -31,17 +33,33 @@ steps = 20  # sampler steps (model evaluations per image); README, Samplers
 cfg_scale = 1.5  # classifier-free guidance: 1 = none, larger = more class-typical, less varied
 eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like (DDIM only)
 seed = 0  # the same seed gives the same images
-batch_size = 256 if torch.cuda.is_available() else 64  # images per batch (2x inside with guidance); a CPU is 2x faster at 64
+batch_size = 256 if torch.cuda.is_available() else 64  # images per batch (2x inside with guidance); 64 is best on a CPU
 use_ema = True  # sample with the EMA weights (False: the raw weights)
 out_dir = "samples"  # replaced as a whole when the new images are ready
 trajectory = False  # also write trajectory.png: each class's image along the denoising path
 trajectory_frames = 10  # columns of trajectory.png, evenly spaced from noise to the sample
 trajectory_show = "x_t"  # 'x_t' (the noisy image at each step) or 'x0' (the model's guess of the final image)
 vae = ""  # latent checkpoints: the VAE to decode with ('' = the one named in the checkpoint)
-device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype on the GPU
+device = "auto"  # 'auto' (a GPU if there is one, else the CPU), or e.g. 'cuda:1', 'cpu'
+dtype = "auto"  # autocast dtype: 'bfloat16' or 'float32' ('auto': bfloat16 on a GPU)
 compile = False  # torch.compile the model (pays off for thousands of images)
 # -----------------------------------------------------------------------------
+
+
+def find_checkpoint(path="", quiet=False):
+    """path, or if it is '' the newest out*/ckpt.pt in this folder (where train.py's configs put their runs)."""
+    if path:
+        return path
+    found = sorted(glob.glob(os.path.join("out*", "ckpt.pt")), key=os.path.getmtime)
+    if not found:
+        raise DataError("no --ckpt given and no out*/ckpt.pt in this folder; train one with train.py, or pass "
+                        "--ckpt=path/to/ckpt.pt")
+    if not quiet:
+        print(f"checkpoint: {found[-1]} (the newest out*/ckpt.pt here; --ckpt=... picks another)")
+    return found[-1]
+
+
+RENAMED = {"t_block.": "adaln_single.", "scale_shift_table": "modulation"}  # parameter names of older checkpoints
 
 
 def read_checkpoint(path):
@@ -60,6 +78,9 @@ def read_checkpoint(path):
             raise DataError(f"{path} would build the Python object {unsafe.group(1)} when loaded, which can run code; "
                             "nano-diffusion checkpoints never do, so it was not loaded") from e
         raise DataError(f"{path} is not a nano-diffusion checkpoint written by train.py ({one_line(e)})") from e
+    for key in ("model", "ema"):
+        for old, new in RENAMED.items():
+            checkpoint[key] = {name.replace(old, new): t for name, t in checkpoint[key].items()}
     return checkpoint
 
 
@@ -113,15 +134,19 @@ def sampler_settings(sampler, steps, cfg_scale, eta=0.0):
 
 
 @torch.no_grad()
-def sample_images(model, schedule, meta, labels, vae=None, seed=0, batch_size=256, autocast=nullcontext(), first_index=0, **sampling):
+def sample_images(model, schedule, meta, labels, vae=None, seed=0, batch_size=256, autocast=nullcontext(),
+                  first_index=0, **sampling):
     """uint8 images (N, 3, H, W) on the CPU for a tensor of class ids, decoded through the VAE for latent models;
     sampling is sampler_settings(...). Image i (counted from first_index) depends only on seed, i and its label, not on
     batch_size, so a large set can be made in pieces."""
-    device = next(model.parameters()).device
-    with autocast:
-        samples = generate(model, schedule, labels, meta["shape"], seed=seed, batch_size=batch_size, first_index=first_index,
-                           clip_x0=meta.get("clip_x0"), **sampling)
-    images = [to_images(samples[i : i + batch_size].to(device), meta, vae).cpu() for i in range(0, len(samples), batch_size)]
+    device, images = next(model.parameters()).device, []
+    with progress(len(labels), "sampling") as bar:
+        for i in range(0, len(labels), batch_size):
+            with autocast:
+                samples = generate(model, schedule, labels[i : i + batch_size], meta["shape"], seed, batch_size,
+                                   first_index + i, clip_x0=meta.get("clip_x0"), **sampling)
+            images.append(to_images(samples.to(device), meta, vae).cpu())
+            bar.update(len(samples))
     return torch.cat(images)
 
 
@@ -129,9 +154,12 @@ def labelled_rows(images, row_names, ncol):
     """uint8 images (N, 3, H, W) -> one HWC uint8 grid, ncol images per row, each row's name on its left."""
     import numpy as np
     from PIL import Image, ImageDraw, ImageFont
-    from torchvision.utils import make_grid
 
-    grid = make_grid(images, nrow=ncol, padding=2, pad_value=255).permute(1, 2, 0).numpy()
+    (_, _, h, w), rows = images.shape, -(-len(images) // ncol)
+    grid = torch.full((rows * (h + 2) + 2, ncol * (w + 2) + 2, 3), 255, dtype=torch.uint8)  # white, 2-pixel gaps
+    for i, image in enumerate(images):
+        grid[2 + i // ncol * (h + 2) :][:h, 2 + i % ncol * (w + 2) :][:, :w] = image.permute(1, 2, 0)
+    grid = grid.numpy()
     font = ImageFont.load_default()
     margin = 6 + max(int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font)) for n in row_names)
     canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), (255, 255, 255))
@@ -145,33 +173,35 @@ def labelled_rows(images, row_names, ncol):
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+    device, dtype = pick_device(device, dtype)
     if num_per_class < 1:
         fail(f"num_per_class must be at least 1, got {num_per_class}")
     if trajectory_show not in ("x_t", "x0"):
         fail(f"trajectory_show must be 'x_t' or 'x0', got {trajectory_show!r}")
     try:
         sampling = sampler_settings(sampler, steps, cfg_scale, eta)
-        model, schedule, meta, _ = load_checkpoint(ckpt, use_ema, device)
+        model, schedule, meta, _ = load_checkpoint(find_checkpoint(ckpt), use_ema, device)
         class_ids = parse_classes(classes, meta["classes"])
         decoder = load_decoder(meta, vae, device)
     except (DataError, ValueError) as e:
         fail(str(e))
     autocast = autocast_context(device, dtype)
-    net = torch.compile(model) if compile else model
+    net = compile_model(model, device) if compile else model
     names = [meta["classes"][c] for c in class_ids]
 
     t0 = time.time()
     labels = torch.tensor(class_ids).repeat_interleave(num_per_class)  # row by row
-    images = sample_images(net, schedule, meta, labels, decoder, seed=seed, batch_size=batch_size, autocast=autocast, **sampling)
+    images = sample_images(net, schedule, meta, labels, decoder, seed, batch_size, autocast, **sampling)
     seconds = time.time() - t0
 
     if trajectory:
-        # The first image of each row again, keeping every step: same noise, same final image
+        # The first image of each row again, keeping every step: the same noise streams, the same final image
         first = torch.arange(len(class_ids)) * num_per_class
-        x_T = initial_noise(meta["shape"], first.tolist(), seed).to(device)
+        streams, shape = noise_streams(first.tolist(), seed), meta["shape"]
         kwargs = {k: v for k, v in sampling.items() if k != "sampler"}
+        kwargs |= {"noise": lambda: draw(streams, shape).to(device)} if eta else {}
         with autocast:
-            _, path = SAMPLERS[sampler](net, schedule, x_T, labels[first].to(device), generator=torch.Generator(device).manual_seed(seed),
+            _, path = SAMPLERS[sampler](net, schedule, draw(streams, shape).to(device), labels[first].to(device),
                                         return_trajectory=True, clip_x0=meta.get("clip_x0"), **kwargs)
         frames = path["x_t"] if trajectory_show == "x_t" else path["x0_pred"]
         picks = torch.linspace(0, len(frames) - 1, min(trajectory_frames, len(frames))).round().long().tolist()
@@ -189,6 +219,7 @@ if __name__ == "__main__":
             save_png(trajectory_grid, os.path.join(folder, "trajectory.png"))
 
     write_atomically(out_dir, write)
-    print(f"{len(images)} images of {', '.join(dict.fromkeys(names))} in {seconds:.1f} s ({len(images) / seconds:.1f} images/s, "
-          f"{sampler} {steps} steps, cfg_scale {cfg_scale}, {'EMA' if use_ema else 'raw'} weights) -> {out_dir}/grid.png"
+    print(f"{len(images)} images of {', '.join(dict.fromkeys(names))} in {seconds:.1f} s ({len(images) / seconds:.1f} "
+          f"images/s, {sampler} {steps} steps, cfg_scale {cfg_scale}, {'EMA' if use_ema else 'raw'} weights) -> "
+          f"{out_dir}/grid.png"
           + (f", {out_dir}/trajectory.png ({trajectory_show})" if trajectory else ""))

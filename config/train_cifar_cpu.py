@@ -14,8 +14,9 @@
 #   path   the rectified-flow line with the velocity target: after the full 3,300 iterations,
 #          FID-2k 63.9 against 71.4 for the cosine schedule with v-prediction (dpm++2m 20 steps;
 #          with DDIM 20 steps, 60.4 against 64.8; README, Samplers).
-#   EMA    0.999, with train.py's warm-up min(decay, (1+n)/(10+n)): the average spans the
-#          last ~11% of the iterations at every checkpoint (EDM2 finds ~10% a good length).
+#   EMA    ema_decay 0.999 has no effect in a run this short: train.py's decay is min(ema_decay,
+#          (1+n)/(10+n)), and the warm-up term stays below 0.999 for the first 8,990 iterations. So
+#          the average spans the last ~11% of the iterations at every checkpoint (EDM2 finds ~10% good).
 #   dtype  bfloat16 autocast: 1.7x faster on this CPU, which has AMX units; on a CPU without
 #          them, pass --dtype=float32 (and expect about half the images/s).
 #   compile: 2.9x faster for small models on a CPU (fewer, fused kernels), 1-1.2x for this one.

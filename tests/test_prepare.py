@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import REPO, assert_clean_failure, make_image_folder, make_tiny_vae, run_script
+from conftest import REPO, assert_clean_failure, make_image_folder, make_tiny_vae, run_inline, run_script
 
 
 def prepare(tmp_path, *args):
@@ -149,26 +149,41 @@ def test_errors_leave_nothing_behind(tmp_path):
     assert prepare(tmp_path, "--source=pets", "--vae=none", "--out=keep").returncode == 0
     before = (tmp_path / "data" / "keep" / "train.pt").read_bytes()
 
-    proc = prepare(tmp_path, "--source=nowhere", "--vae=none", "--out=keep")
+    proc = run_inline("prepare_cifar.py", "--source=nowhere", "--vae=none", "--out=keep", cwd=tmp_path)
     assert_clean_failure(proc, "nowhere", "is not a folder")
 
     (tmp_path / "empty" / "nothing_here").mkdir(parents=True)
     (tmp_path / "flat_files").mkdir()
     (tmp_path / "flat_files" / "x.png").write_bytes(b"")
-    proc = prepare(tmp_path, "--source=flat_files", "--vae=none", "--out=keep")
+    proc = run_inline("prepare_cifar.py", "--source=flat_files", "--vae=none", "--out=keep", cwd=tmp_path)
     assert_clean_failure(proc, "has no class sub-folders")
-    proc = prepare(tmp_path, "--source=empty", "--vae=none", "--out=keep")
+    proc = run_inline("prepare_cifar.py", "--source=empty", "--vae=none", "--out=keep", cwd=tmp_path)
     assert_clean_failure(proc, "holds no images")
 
     (tmp_path / "pets" / "test" / "dog" / "broken.png").write_bytes(b"not a png at all")
-    proc = prepare(tmp_path, "--source=pets", "--vae=none", "--out=keep")
+    proc = run_inline("prepare_cifar.py", "--source=pets", "--vae=none", "--out=keep", cwd=tmp_path)
     assert_clean_failure(proc, "cannot read image", os.path.join("test", "dog", "broken.png"))
 
     proc = prepare(tmp_path, "--source=pets", "--vae=nobody/no-such-vae", "--out=keep")  # offline
     assert_clean_failure(proc, "could not load the VAE 'nobody/no-such-vae'", "--vae=path/to/vae", "--vae=none")
 
-    proc = prepare(tmp_path, "--source=pets", "--vea=none")
+    proc = run_inline("prepare_cifar.py", "--source=pets", "--vea=none", cwd=tmp_path)
     assert_clean_failure(proc, "unknown config key 'vea'", "vae")
 
     assert sorted(os.listdir(tmp_path / "data")) == ["keep"]
     assert (tmp_path / "data" / "keep" / "train.pt").read_bytes() == before
+
+
+def test_get_batch_flips_half_of_the_pixels_left_right():
+    """train.py's batches: random images of the dataset in [-1, 1], half of them mirrored with flip, none without."""
+    from data import get_batch
+
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.arange(64)  # the label says which image a sample came from
+    for flip in (True, False):
+        batch, y = get_batch(x, labels, 4000, {"kind": "pixels"}, flip, torch.Generator().manual_seed(0))
+        source = x[y].float() / 127.5 - 1
+        same, mirrored = ((batch == s).flatten(1).all(1) for s in (source, source.flip(3)))
+        assert (same | mirrored).all() and batch.min() >= -1 and batch.max() <= 1
+        assert abs(mirrored.float().mean() - 0.5) < 0.03 if flip else not mirrored.any()
+        assert torch.equal(batch, get_batch(x, labels, 4000, {"kind": "pixels"}, flip, torch.Generator().manual_seed(0))[0])

@@ -1,10 +1,12 @@
 import os
+import shutil
+import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY_TRAIN, assert_clean_failure, make_image_folder, make_tiny_vae, run_script
+from conftest import REPO, TINY_TRAIN, assert_clean_failure, make_image_folder, make_tiny_vae, run_inline, run_script
 
 
 def sample(cwd, *args):
@@ -44,36 +46,91 @@ def test_deterministic(tiny_checkpoint, tmp_path):
     different = run("d", "--seed=8")
     assert all(a[f] != different[f] for f in a if f != "grid.png")
     eta = run("e", "--seed=7", "--sampler=ddim", "--eta=1.0")
-    assert eta == run("f", "--seed=7", "--sampler=ddim", "--eta=1.0") and eta != a
+    assert eta == run("f", "--seed=7", "--sampler=ddim", "--eta=1.0", "--batch_size=3") and eta != a  # DDIM's noise too
     raw = run("g", "--seed=7", "--use_ema=False")
     assert raw != a
     dpm = run("h", "--seed=7", "--sampler=dpm++2m")  # a is the default, ddim
     assert dpm == run("i", "--seed=7", "--sampler=dpm++2m", "--batch_size=3") and dpm != a and dpm != eta
 
 
+def last_frame(folder, frames, row=0):
+    """The last image of a row of trajectory.png, whose rows are 8x8 images with 2-pixel padding after a name margin."""
+    trajectory = Image.open(folder / "trajectory.png").convert("RGB")
+    margin = trajectory.size[0] - (frames * 10 + 2)
+    x, y = margin + 2 + (frames - 1) * 10, 2 + row * 10
+    return np.asarray(trajectory.crop((x, y, x + 8, y + 8))), trajectory
+
+
 def test_trajectory(tiny_checkpoint, tmp_path):
-    proc = sample(
-        tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=cat,frog", "--num_per_class=2", "--steps=8",
-        "--trajectory=True", "--trajectory_frames=5",
-    )
+    proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=cat,frog", "--num_per_class=2", "--steps=8",
+                  "--trajectory=True", "--trajectory_frames=5")
     assert proc.returncode == 0, proc.stderr
     assert "trajectory.png (x_t)" in proc.stdout
-    trajectory = Image.open(tmp_path / "samples" / "trajectory.png").convert("RGB")
+    last, trajectory = last_frame(tmp_path / "samples", 5)
     grid = Image.open(tmp_path / "samples" / "grid.png").convert("RGB")
     assert trajectory.size[1] == 2 * 10 + 2  # one row per class
-    margin = trajectory.size[0] - (5 * 10 + 2)
-    assert margin == grid.size[0] - (2 * 10 + 2)  # the same name margin
-    # the last frame of each row is that row's first sample, the first frame is noise
-    last = trajectory.crop((margin + 2 + 4 * 10, 2, margin + 2 + 4 * 10 + 8, 10))
-    assert (np.asarray(last) == np.asarray(Image.open(tmp_path / "samples" / "cat_0000.png").convert("RGB"))).all()
+    assert trajectory.size[0] - (5 * 10 + 2) == grid.size[0] - (2 * 10 + 2)  # the same name margin
+    # the last frame of each row is that row's first sample, with DDIM's fresh noise too
+    for out, args in [("samples", []), ("eta", ["--eta=1.0", "--seed=3"])]:
+        if args:
+            proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=cat,frog", "--num_per_class=2", "--steps=8",
+                          "--trajectory=True", "--trajectory_frames=5", f"--out_dir={out}", *args)
+            assert proc.returncode == 0, proc.stderr
+        for row, name in enumerate(["cat", "frog"]):
+            expected = np.asarray(Image.open(tmp_path / out / f"{name}_0000.png").convert("RGB"))
+            assert (last_frame(tmp_path / out, 5, row)[0] == expected).all(), (out, name)
     proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=cat", "--steps=4", "--trajectory=True",
                   "--trajectory_show=x0", "--out_dir=x0", "--sampler=dpm++2m")
     assert proc.returncode == 0 and "trajectory.png (x0)" in proc.stdout
-    trajectory = Image.open(tmp_path / "x0" / "trajectory.png").convert("RGB")
-    margin = trajectory.size[0] - (4 * 10 + 2)  # 4 frames: one x0 guess per step
-    last = trajectory.crop((margin + 2 + 3 * 10, 2, margin + 2 + 3 * 10 + 8, 10))
-    # with dpm++2m too, the last x0 guess is the sample itself
-    assert (np.asarray(last) == np.asarray(Image.open(tmp_path / "x0" / "cat_0000.png").convert("RGB"))).all()
+    # with dpm++2m and x0 shown, the last of the 4 guesses is the sample itself
+    assert (last_frame(tmp_path / "x0", 4)[0] == np.asarray(Image.open(tmp_path / "x0" / "cat_0000.png").convert("RGB"))).all()
+
+
+def test_samples_follow_their_class(tiny_checkpoint, tiny_dataset, tmp_path):
+    """Each class of the tiny dataset is its own pattern of dark and bright squares: every sample is nearest its own."""
+    proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=all", "--num_per_class=4", "--steps=10")
+    assert proc.returncode == 0, proc.stderr
+    train = torch.load(tiny_dataset / "tiny" / "train.pt", weights_only=True)
+    means = torch.stack([train["x"][train["labels"] == c].float().mean(0) for c in range(3)])  # (3 classes, 3, 8, 8)
+    for c, name in enumerate(["cat", "dog", "frog"]):
+        for i in range(4):
+            image = torch.from_numpy(np.asarray(Image.open(tmp_path / "samples" / f"{name}_{i:04d}.png"))).permute(2, 0, 1).float()
+            distances = (image[None] - means).square().mean(dim=(1, 2, 3))
+            assert distances.argmin() == c, (name, i, distances)
+
+
+def test_the_newest_run_is_the_default(tiny_checkpoint, tmp_path):
+    for run in ("out-older", "out-newer"):
+        (tmp_path / run).mkdir()
+        shutil.copy(tiny_checkpoint, tmp_path / run / "ckpt.pt")
+        time.sleep(0.05)
+    proc = sample(tmp_path, "--classes=dog", "--num_per_class=1", "--steps=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoint: out-newer/ckpt.pt (the newest out*/ckpt.pt here" in proc.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_clean_failure(run_inline("sample.py", "--classes=dog", cwd=empty), "no --ckpt given and no out*/ckpt.pt in this folder",
+                         "train.py")
+
+
+def test_a_checkpoint_with_the_old_parameter_names(tiny_checkpoint, tmp_path):
+    """Checkpoints from before adaln_single and modulation were named so (t_block, scale_shift_table) still load."""
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    old = {"t_block.": "adaln_single.", "scale_shift_table": "modulation"}
+    for key in ("model", "ema"):
+        renamed = {}
+        for name, t in ckpt[key].items():
+            for before, now in old.items():
+                name = name.replace(now, before)
+            renamed[name] = t
+        ckpt[key] = renamed
+    assert any("scale_shift_table" in name for name in ckpt["ema"])
+    torch.save(ckpt, tmp_path / "old.pt")
+    runs = [sample(tmp_path, f"--ckpt={path}", "--classes=cat", "--num_per_class=2", "--steps=3", f"--out_dir={out}")
+            for path, out in [(tmp_path / "old.pt", "old"), (tiny_checkpoint, "new")]]
+    assert all(proc.returncode == 0 for proc in runs), runs[0].stderr
+    assert [(tmp_path / "old" / f).read_bytes() for f in pngs(tmp_path / "old")] == [(tmp_path / "new" / f).read_bytes()
+                                                                                      for f in pngs(tmp_path / "new")]
 
 
 def test_latent_checkpoint_with_a_diffusers_vae(tiny_dataset, tmp_path):
@@ -103,23 +160,26 @@ def test_bad_input(tiny_checkpoint, tmp_path):
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "keep.png").write_bytes(b"earlier output")
     ck = f"--ckpt={tiny_checkpoint}"
-    proc = sample(tmp_path, ck, "--classes=cat,dgo")
+    proc = run_inline("sample.py", ck, "--classes=cat,dgo", cwd=tmp_path)
     assert_clean_failure(proc, "unknown class 'dgo'", "0=cat, 1=dog, 2=frog")
-    proc = sample(tmp_path, ck, "--classes=3")
+    proc = run_inline("sample.py", ck, "--classes=3", cwd=tmp_path)
     assert_clean_failure(proc, "unknown class '3'", "0=cat")
-    proc = sample(tmp_path, "--ckpt=nowhere/ckpt.pt")
+    proc = run_inline("sample.py", "--ckpt=nowhere/ckpt.pt", cwd=tmp_path)
     assert_clean_failure(proc, "no checkpoint nowhere/ckpt.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    proc = sample(tmp_path, "--ckpt=other.pt")
+    proc = run_inline("sample.py", "--ckpt=other.pt", cwd=tmp_path)
     assert_clean_failure(proc, "other.pt is not a nano-diffusion checkpoint")
-    proc = sample(tmp_path, ck, "--steps=0")
+    proc = run_inline("sample.py", ck, "--steps=0", cwd=tmp_path)
     assert_clean_failure(proc, "steps must be at least 1")
-    proc = sample(tmp_path, ck, "--sampler=dpm++2m", "--eta=1.0")
+    proc = run_inline("sample.py", ck, "--sampler=dpm++2m", "--eta=1.0", cwd=tmp_path)
     assert_clean_failure(proc, "eta is DDIM's noise and dpm++2m is deterministic", "--sampler=ddim or --eta=0")
-    proc = sample(tmp_path, ck, "--sampler=heun")
+    proc = run_inline("sample.py", ck, "--sampler=heun", cwd=tmp_path)
     assert_clean_failure(proc, "unknown sampler 'heun'; choose one of ddim, dpm++2m")
-    proc = sample(tmp_path, ck, "--stpes=3")
+    proc = run_inline("sample.py", ck, "--stpes=3", cwd=tmp_path)
     assert_clean_failure(proc, "unknown config key 'stpes'", "steps")
+    assert_clean_failure(run_inline("sample.py", ck, "--num_per_class=0", cwd=tmp_path), "num_per_class must be at least 1, got 0")
+    assert_clean_failure(run_inline("sample.py", ck, "--trajectory=True", "--trajectory_show=eps", cwd=tmp_path),
+                         "trajectory_show must be 'x_t' or 'x0'")
     assert os.listdir(tmp_path / "samples") == ["keep.png"]  # nothing written or half-written
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
@@ -142,7 +202,7 @@ def test_a_booby_trapped_checkpoint_is_refused_unread(tiny_dataset, tmp_path):
     for script, args in [("sample.py", ["--ckpt=out/ckpt.pt"]), ("fid.py", ["--ckpt=out/ckpt.pt", "--num_samples=4"]),
                          ("train.py", [os.path.join(REPO, "config", "train_debug.py"), "--dataset=tiny", "--out_dir=out",
                                        "--init_from=resume"])]:
-        proc = run_script(script, *args, cwd=tmp_path)
+        proc = run_inline(script, *args, cwd=tmp_path)
         assert_clean_failure(proc, "out/ckpt.pt would build the Python object io.open", "can run code", "not loaded")
         assert not marker.exists(), script
     torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)  # the trap is real: unsafe loading runs it
