@@ -222,6 +222,7 @@ sampler = "ddim"  # 'ddim' or 'dpm++2m'
 steps = 20  # sampler steps
 cfg_scale = 1.5  # classifier-free guidance scale
 eta = 0.0  # DDIM noise
+cfg_interval = (0.0, 1.0)
 seed = 0
 batch_size = 256 if torch.cuda.is_available() else 64  # images per sampling batch; a CPU is 2x faster at 64 than 256
 use_ema = True  # sample with the EMA weights
@@ -244,7 +245,7 @@ if __name__ == "__main__":
         if ckpt:
             if num_samples < 2:
                 raise ValueError(f"num_samples must be at least 2, got {num_samples}")
-            sampling = sampler_settings(sampler, steps, cfg_scale, eta)
+            sampling = sampler_settings(sampler, steps, cfg_scale, eta) | dict(cfg_interval=tuple(cfg_interval))
             model, schedule, meta, checkpoint = load_checkpoint(ckpt, use_ema, device)
             decoder = load_decoder(meta, vae, device)
         elif images:
@@ -257,6 +258,9 @@ if __name__ == "__main__":
         if not (images or ckpt):
             sys.exit(0)  # only the reference statistics were asked for
         if ckpt:
+            if compile and device == "cpu":
+                import torch._inductor.config
+                torch._inductor.config.cpp.max_horizontal_fusion_size = 0
             fid, (mu, sigma) = score(torch.compile(model) if compile else model, schedule, meta, net, ref_stats, num_samples,
                                      decoder, seed=seed, batch_size=batch_size, autocast=autocast_context(device, dtype), **sampling)
             count, source = num_samples, f"samples of {ckpt}, {sampler} {steps} steps, cfg_scale {cfg_scale}"

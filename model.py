@@ -43,6 +43,11 @@ class DiTConfig:
     num_classes: int = 10  # class ids 0..num_classes-1; id num_classes means "no class"
     dropout: float = 0.0
     prediction: str = "v"  # the target the model learns: 'v', 'eps' or 'velocity' (see diffusion_loss)
+    skip: bool = False  # EXP: U-ViT long skips
+    norm: str = "layer"  # EXP: 'layer' or 'rms'
+    qk_norm: bool = False  # EXP
+    mlp: str = "gelu"  # EXP: 'gelu' or 'swiglu'
+    rope: bool = False  # EXP: 2D RoPE on q, k (patch tokens)
 
     def __post_init__(self):
         if self.prediction not in ("v", "eps", "velocity"):
@@ -78,6 +83,22 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def rope_2d(head_dim, grid_size):
+    """cos, sin (N, head_dim) for 2D RoPE: half the dims rotate with the row, half with the column."""
+    quarter = head_dim // 4
+    freqs = 1.0 / 100 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    angles = torch.cat([rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs], dim=1)  # (N, head_dim/2)
+    angles = torch.cat([angles, angles], dim=1)  # (N, head_dim)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 class Attention(nn.Module):
     """Self-attention over the patch tokens, with the class token appended to the keys
     and values only.
@@ -97,13 +118,19 @@ class Attention(nn.Module):
         self.class_kv = nn.Linear(config.n_embd, 2 * config.n_embd)  # the class token's k, v
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.proj_dropout = nn.Dropout(config.dropout)
+        hd = config.n_embd // config.n_head
+        self.q_norm = nn.RMSNorm(hd, eps=1e-6) if config.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(hd, eps=1e-6) if config.qk_norm else nn.Identity()
 
-    def forward(self, x, class_token):
+    def forward(self, x, class_token, rope=None):
         (B, N, D), H = x.shape, self.n_head
         # (B, N, 3D) -> (3, B, H, N, D/H)
         q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
         # (B, 1, 2D) -> (2, B, H, 1, D/H)
         k_class, v_class = self.class_kv(class_token).view(B, 1, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        q, k, k_class = self.q_norm(q), self.k_norm(k), self.k_norm(k_class)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k = torch.cat([k_class, k], dim=2)  # (B, H, N+1, D/H)
         v = torch.cat([v_class, v], dim=2)
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
@@ -111,25 +138,40 @@ class Attention(nn.Module):
         return self.proj_dropout(self.proj(x))
 
 
+class SwiGLU(nn.Module):
+    def forward(self, x):
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN-single modulation (PixArt-alpha section 2.3)."""
 
     def __init__(self, config):
         super().__init__()
-        self.norm1 = nn.LayerNorm(config.n_embd, elementwise_affine=False, eps=1e-6)
+        Norm = nn.RMSNorm if config.norm == "rms" else nn.LayerNorm
+        self.norm1 = Norm(config.n_embd, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(config)
-        self.norm2 = nn.LayerNorm(config.n_embd, elementwise_affine=False, eps=1e-6)
+        self.norm2 = Norm(config.n_embd, elementwise_affine=False, eps=1e-6)
         hidden = int(config.n_embd * config.mlp_ratio)
-        self.mlp = nn.Sequential(OrderedDict(fc=nn.Linear(config.n_embd, hidden), gelu=nn.GELU(approximate="tanh"),
+        if config.mlp == "swiglu":
+            hidden = int(2 * hidden / 3)
+            self.mlp = nn.Sequential(OrderedDict(fc=nn.Linear(config.n_embd, 2 * hidden), gelu=SwiGLU(),
+                                                 proj=nn.Linear(hidden, config.n_embd), dropout=nn.Dropout(config.dropout)))
+        else:
+            self.mlp = nn.Sequential(OrderedDict(fc=nn.Linear(config.n_embd, hidden), gelu=nn.GELU(approximate="tanh"),
                                              proj=nn.Linear(hidden, config.n_embd), dropout=nn.Dropout(config.dropout)))
+        self.skip_linear = None
         # This block's own learned embedding, added to the shared timestep modulation:
         # rows are shift/scale/gate for attention, then shift/scale/gate for the MLP.
         self.scale_shift_table = nn.Parameter(torch.zeros(6, config.n_embd))
 
-    def forward(self, x, class_token, t_mod):
+    def forward(self, x, class_token, t_mod, rope=None, skip=None):
         # x (B, N, D); class_token (B, 1, D); t_mod (B, 6, D) from the shared adaLN-single MLP
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t_mod).unbind(1)
-        x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn), class_token)
+        x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn), class_token, rope)
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -148,7 +190,14 @@ class DiT(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.class_embed = nn.Embedding(config.num_classes + 1, D)  # +1: the "no class" id
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        if config.skip:  # U-ViT: the second half of the blocks takes the first half's outputs, mirrored
+            for block in self.blocks[config.n_layer - config.n_layer // 2:]:
+                block.skip_linear = nn.Linear(2 * D, D)
+        if config.rope:
+            cos, sin = rope_2d(D // config.n_head, self.grid_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.norm_out = (nn.RMSNorm if config.norm == "rms" else nn.LayerNorm)(D, elementwise_affine=False, eps=1e-6)
         self.out_scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.out = nn.Linear(D, p * p * config.in_channels)
         self._init_weights()
@@ -182,8 +231,13 @@ class DiT(nn.Module):
         t_emb = self.t_embedder(timestep_embedding(t, self.t_freq_dim))  # (B, D)
         t_mod = self.t_block(t_emb).view(B, 6, D)  # computed once, shared by all blocks
         class_token = self.class_embed(y)[:, None]  # (B, 1, D)
-        for block in self.blocks:
-            x = block(x, class_token, t_mod)
+        rope = (self.rope_cos, self.rope_sin) if self.config.rope else None
+        L, skips = self.config.n_layer, []
+        for i, block in enumerate(self.blocks):
+            skip = skips.pop() if block.skip_linear is not None else None
+            x = block(x, class_token, t_mod, rope, skip)
+            if self.config.skip and i < L // 2:
+                skips.append(x)
         shift, scale = (self.out_scale_shift_table[None] + t_emb[:, None]).unbind(1)  # 2 x (B, D)
         x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*C)
         # unpatchify: (B, h*w, p*p*C) -> (B, C, h*p, w*p)
@@ -193,10 +247,17 @@ class DiT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
         """AdamW, decaying the tensors of 2 or more dimensions (weights, embeddings, tables) but
         not the biases; fused into one kernel per step on CUDA."""
         params = [p for p in self.parameters() if p.requires_grad]
+        if optimizer == "muon":
+            hidden = [p for n, p in self.named_parameters() if n.startswith("blocks.") and p.dim() == 2 and "modulation" not in n and "scale_shift" not in n]
+            ids = {id(p) for p in hidden}
+            rest = [p for p in params if id(p) not in ids]
+            return [torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
+                    torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+                                       {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}], lr=learning_rate, betas=betas)]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
@@ -308,7 +369,7 @@ def sample_t(batch_size, t_sampling, device, generator=None):
     raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {t_sampling!r}")
 
 
-def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None):
+def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None, weighting="none"):
     """Mean squared error between the model's prediction and its target on x0 noised at
     random times. The targets: 'eps' (DDPM), 'v' = alpha eps - sigma x0 (Salimans & Ho
     2022, arXiv 2202.00512), 'velocity' = eps - x0, the flow path's dx_t/dt."""
@@ -328,7 +389,14 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
         y = torch.where(drop, config.num_classes, y)
     # 4. regress the prediction onto its target
     target = {"eps": eps, "v": alpha * eps - sigma * x0, "velocity": eps - x0}[config.prediction]
-    return F.mse_loss(model(x_t, t, y).float(), target)
+    if weighting == "none":
+        return F.mse_loss(model(x_t, t, y).float(), target)
+    per = (model(x_t, t, y).float() - target).square().mean(dim=(1, 2, 3))
+    snr = (alpha / sigma).square().view(B)
+    # the x0-weight each target implies: eps: snr, v: snr + 1 (VP), velocity: 1 / sigma^2 (flow)
+    implied = {"eps": snr, "v": (alpha**2 + sigma**2).view(B) / sigma.view(B) ** 2, "velocity": 1 / sigma.view(B) ** 2}[config.prediction]
+    w = snr.clamp(max=5.0) / implied
+    return (w * per).mean()
 
 
 # -----------------------------------------------------------------------------
@@ -381,7 +449,7 @@ def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
     return ts
 
 
-def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, return_trajectory=False, eta=0.0, generator=None, second_order=False):
+def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, return_trajectory=False, eta=0.0, generator=None, second_order=False, cfg_interval=(0.0, 1.0)):
     """Integrate from x_T at ts[0] = 1 to ts[-1] = 0 over the float64 times ts: DDIM, or with
     second_order DPM-Solver++(2M). Returns x0 (divided by b), and with return_trajectory a
     dict of lists: 'x_t' (x_T ... x_0) and 'x0_pred' (one per step), all divided by b."""
@@ -397,7 +465,8 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, return
     x0_prev = None
     for i in range(len(ts) - 1):
         a_t, s_t, a_s, s_s = alphas[i], sigmas[i], alphas[i + 1], sigmas[i + 1]  # from time t to the earlier time s
-        x0, eps = predict_x0_eps(model, x, ts[i].item(), y, a_t, s_t, cfg_scale, None if clip_x0 is None else clip_x0 * b)
+        scale = cfg_scale if cfg_interval[0] <= ts[i].item() <= cfg_interval[1] else 1.0
+        x0, eps = predict_x0_eps(model, x, ts[i].item(), y, a_t, s_t, scale, None if clip_x0 is None else clip_x0 * b)
         x0_step, eps_step = x0, eps
         if second_order and x0_prev is not None and s_s > 0:
             # DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2) is this DDIM step
@@ -420,22 +489,22 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, return
 
 
 @torch.no_grad()
-def ddim_sample(model, noise_schedule, x_T, y, steps=50, cfg_scale=1.0, eta=0.0, generator=None, return_trajectory=False, clip_x0=None):
+def ddim_sample(model, noise_schedule, x_T, y, steps=50, cfg_scale=1.0, eta=0.0, generator=None, return_trajectory=False, clip_x0=None, cfg_interval=(0.0, 1.0)):
     """DDIM (Song et al. 2020, arXiv 2010.02502) from t=1 to t=0 in `steps` model evaluations, evenly spaced in t. eta=0
     is deterministic, eta=1 adds DDPM-like noise at every step (drawn from generator). x_T (B, C, H, W) standard normal
     noise; y (B,) class ids (num_classes = unconditional); clip_x0 clamps each predicted x0 to [-clip_x0, clip_x0] (1.0
     for pixels in [-1, 1]). Returns x0, and with return_trajectory (x0, trajectory): see solve()."""
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, return_trajectory, eta=eta, generator=generator)
+    return solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, return_trajectory, eta=eta, generator=generator, cfg_interval=cfg_interval)
 
 
 @torch.no_grad()
-def dpm_solver_sample(model, noise_schedule, x_T, y, steps=20, cfg_scale=1.0, generator=None, return_trajectory=False, clip_x0=None):
+def dpm_solver_sample(model, noise_schedule, x_T, y, steps=20, cfg_scale=1.0, generator=None, return_trajectory=False, clip_x0=None, cfg_interval=(0.0, 1.0)):
     """DPM-Solver++(2M) (Lu et al. 2022): multistep, second order, on the data prediction,
     with a first-order (DDIM) first and last step, over logsnr_times. Deterministic (generator
     is unused); otherwise the arguments and the result are ddim_sample's."""
     ts = logsnr_times(noise_schedule, steps)
-    return solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, return_trajectory, second_order=True)
+    return solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, return_trajectory, second_order=True, cfg_interval=cfg_interval)
 
 
 SAMPLERS = {"ddim": ddim_sample, "dpm++2m": dpm_solver_sample}

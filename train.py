@@ -56,6 +56,15 @@ n_embd = 768
 patch_size = 1  # 4x4 latents -> 16 tokens
 mlp_ratio = 4.0
 dropout = 0.0
+skip = False
+norm = "layer"
+qk_norm = False
+mlp = "gelu"
+rope = False
+loss_weighting = "none"
+optimizer_name = "adamw"
+ema_warmup = 10
+cfg_interval = (0.0, 1.0)
 prediction = "v"  # the target: 'v' or 'eps' (VP schedules), 'velocity' (flow) or 'v' (flow)
 # diffusion
 noise_schedule = "cosine"  # 'linear', 'cosine' or 'sigmoid' (Chen 2023), or 'flow' (rectified flow)
@@ -124,7 +133,7 @@ try:
     params = dict(start=schedule_start, end=schedule_end, tau=schedule_tau, clip_min=schedule_clip_min)
     schedule = get_noise_schedule(noise_schedule, input_scale=input_scale, **{k: v for k, v in params.items() if v is not None})
     check_objective(schedule, prediction)
-    sampling = sampler_settings(sampler, sample_steps, sample_cfg_scale)
+    sampling = sampler_settings(sampler, sample_steps, sample_cfg_scale) | dict(cfg_interval=tuple(cfg_interval))
     if init_from == "resume" and not os.path.exists(ckpt_path):
         raise DataError(f"--init_from=resume but there is no {ckpt_path}; train from scratch first, or point --out_dir at a run")
     if init_from == "resume":
@@ -132,7 +141,7 @@ try:
     elif os.path.exists(ckpt_path):
         raise DataError(f"{ckpt_path} already exists; continue it with --init_from=resume, or pick another --out_dir")
     model_config = DiTConfig(input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
-                             n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=meta["num_classes"], dropout=dropout, prediction=prediction)
+                             n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=meta["num_classes"], dropout=dropout, prediction=prediction, skip=skip, norm=norm, qk_norm=qk_norm, mlp=mlp, rope=rope)
     saved = checkpoint["model_config"] if checkpoint else asdict(model_config)
     if different := [f"{k}={saved.get(k)!r} there, {v!r} here" for k, v in asdict(model_config).items() if saved.get(k) != v]:
         raise ValueError(f"{ckpt_path} holds a different model ({', '.join(different)}); use its settings, or a new --out_dir")
@@ -163,7 +172,9 @@ def get_batch(x_all, y_all, n, generator=None):
 
 model = DiT(model_config).to(device)
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use the EMA
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer_name)
+optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+optimizer = optimizers[0]
 iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = 0, float("inf"), 0, None
 if checkpoint is not None:
     for obj, key in ((model, "model"), (ema_model, "ema"), (optimizer, "optimizer")):
@@ -183,7 +194,17 @@ if checkpoint is not None:
 else:
     torch.manual_seed(seed + rank)  # a different stream of batches and noise on each process
 raw_model = model
+for _kv in filter(None, os.environ.get("INDUCTOR", "").split(",")):  # EXP: INDUCTOR=cpp.simdlen=256,...
+    import torch._inductor.config as _ic
+    _k, _v = _kv.split("=")
+    _obj = _ic.cpp if _k.startswith("cpp.") else _ic
+    assert hasattr(_obj, _k.split(".")[-1]), _k
+    setattr(_obj, _k.split(".")[-1], eval(_v))
+    print("inductor:", _k, "=", eval(_v))
 if compile:
+    if device_type == "cpu":  # Inductor's horizontal fusion of CPU kernels makes NaN gradients at AVX-512 width
+        import torch._inductor.config
+        torch._inductor.config.cpp.max_horizontal_fusion_size = 0
     print("compiling the model...")
     model = torch.compile(model)
 eval_model = model  # rank 0 evaluates alone, so never through DDP (its forward talks to all ranks)
@@ -305,24 +326,26 @@ iters_since_log, t_log, stopping = 0, time.time(), False
 while iter_num < max_iters:
     # 1. the learning rate of this iteration
     lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = lr
     # 2. forward and backward over the micro-steps; DDP averages the gradients on the last one only
     for micro_step in range(gradient_accumulation_steps):
         x, y = get_batch(x_train, y_train, micro_batch)
         with nullcontext() if not ddp or micro_step == gradient_accumulation_steps - 1 else model.no_sync():
             with autocast:
-                loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout) / gradient_accumulation_steps
+                loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout, weighting=loss_weighting) / gradient_accumulation_steps
             loss.backward()
         loss_sum += loss.detach()
     # 3. clip, step, and the EMA: ema += (1 - decay) * (w - ema) for all weights at once; early
     #    on the decay is (1 + n) / (10 + n), so the EMA follows the weights
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     with torch.no_grad():
-        torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
+        torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + iter_num) / (ema_warmup + iter_num)))
     iter_num, iters_since_log = iter_num + 1, iters_since_log + 1
     last, log_step = iter_num == max_iters, iter_num % log_interval == 0 or iter_num == max_iters
 
