@@ -1,6 +1,6 @@
 """
 Measure speed on synthetic data, as nanoGPT's bench.py does: one training step (loss, backward,
-clipping, fused AdamW, EMA) and guided sampling, without data files, evaluation or logging.
+clipping, the optimizer step, EMA) and guided sampling, without data files, evaluation or logging.
 Prints ms per step, images/s, achieved TFLOP/s, MFU and peak memory.
 
     python bench.py                                            # the pixel CIFAR config
@@ -29,6 +29,7 @@ dropout = 0.0
 prediction = "v"
 noise_schedule = "cosine"
 learning_rate = 1e-4
+optimizer = "adamw"  # 'adamw' or 'muon' (model.configure_optimizers)
 dataset = "cifar10_pixels"  # only its shape and class count are used: from data_dir/<dataset>/meta.json if
 data_dir = "data"  # it exists, else the known CIFAR-10 shapes below
 input_shape = ()  # (C, H, W): overrides the dataset's shape, e.g. --input_shape=3,64,64
@@ -81,7 +82,10 @@ model = DiT(config).to(device)
 ema_model = DiT(config).to(device).requires_grad_(False).eval()
 net = compile_model(model, device) if compile else model
 schedule = get_noise_schedule(noise_schedule)
-optimizer = model.configure_optimizers(0.0, learning_rate, (0.9, 0.999), device_type)
+try:
+    optimizers = model.configure_optimizers(0.0, learning_rate, (0.9, 0.999), device_type, optimizer)
+except ValueError as e:  # an unknown optimizer, or Muon on a torch without it
+    fail(str(e))
 peak = peak_flops or gpu_peak_flops(device)
 
 # Synthetic data of the right shape, on the device, drawn by random indices as train.py does
@@ -95,8 +99,9 @@ def train_step():
         loss = diffusion_loss(net, schedule, x_all[idx], y_all[idx])
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for o in optimizers:
+        o.step()
+        o.zero_grad(set_to_none=True)
     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1e-4)
 
 

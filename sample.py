@@ -21,7 +21,7 @@ import torch
 
 from data import (DataError, autocast_context, compile_model, fail, load_vae, one_line, pick_device, progress, save_png,
                   to_images, write_atomically)
-from model import SAMPLERS, DiT, DiTConfig, NoiseSchedule, draw, generate, noise_streams
+from model import LAYOUT, SAMPLERS, DiT, DiTConfig, NoiseSchedule, draw, generate, noise_streams
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -59,9 +59,6 @@ def find_checkpoint(path="", quiet=False):
     return found[-1]
 
 
-RENAMED = {"t_block.": "adaln_single.", "scale_shift_table": "modulation"}  # parameter names of older checkpoints
-
-
 def read_checkpoint(path):
     """The dict in a train.py checkpoint. It holds only tensors, numbers, strings, lists and
     dicts, so it is read with weights_only=True: a file whose pickle would build any other
@@ -78,9 +75,9 @@ def read_checkpoint(path):
             raise DataError(f"{path} would build the Python object {unsafe.group(1)} when loaded, which can run code; "
                             "nano-diffusion checkpoints never do, so it was not loaded") from e
         raise DataError(f"{path} is not a nano-diffusion checkpoint written by train.py ({one_line(e)})") from e
-    for key in ("model", "ema"):
-        for old, new in RENAMED.items():
-            checkpoint[key] = {name.replace(old, new): t for name, t in checkpoint[key].items()}
+    if checkpoint.get("layout", 1) != LAYOUT:
+        raise DataError(f"{path} is from an older model layout (before issue 20's long skips, SwiGLU and RoPE), which "
+                        "this code cannot build; train anew, or use the code of that time (git checkout 93c525c)")
     return checkpoint
 
 

@@ -27,7 +27,7 @@ import fid
 from data import (DataError, autocast_context, compile_model, end_processes, fail, first_failure, get_batch,
                   gpu_peak_flops, load_meta, load_split, load_vae, mlflow_tracking, one_line, pick_device, save_png,
                   start_processes, to_model_space, warn)
-from model import DiT, DiTConfig, check_objective, diffusion_loss, get_noise_schedule
+from model import LAYOUT, DiT, DiTConfig, check_objective, diffusion_loss, get_noise_schedule
 from sample import labelled_rows, read_checkpoint, sample_images, sampler_settings
 
 # -----------------------------------------------------------------------------
@@ -70,6 +70,7 @@ t_sampling = "uniform"  # 'uniform' or 'logit_normal' (SD3)
 class_dropout = 0.1  # probability of training a label as "no class" (for guidance)
 flip = True  # pixels: flip half of every batch left-right (latents come flipped from prepare_cifar.py)
 # optimizer
+optimizer = "adamw"  # 'adamw', or 'muon' for the blocks' matrices and AdamW for the rest (model.configure_optimizers)
 batch_size = 256  # images per optimizer step, over all GPUs and accumulation steps
 gradient_accumulation_steps = 1  # micro-steps per optimizer step
 max_iters = 50000  # optimizer steps
@@ -78,7 +79,7 @@ learning_rate = 1e-4  # peak learning rate
 min_lr = 1e-5  # learning rate at the end of the cosine decay
 lr_decay = "cosine"  # after warmup: 'cosine' (down to min_lr) or 'constant'
 warmup_iters = 500  # linear warmup from 0
-weight_decay = 0.0  # AdamW weight decay on matrices (DiT uses none)
+weight_decay = 0.0  # decoupled weight decay on matrices, AdamW and Muon alike (DiT uses none)
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
@@ -141,10 +142,12 @@ try:
     if checkpoint:  # resuming must keep what the network computes and what its output means (README, Resume)
         saved = checkpoint["noise_schedule"]
         saved = (DiTConfig(**checkpoint["model_config"]), get_noise_schedule(saved["name"], saved["input_scale"],
-                                                                            **saved["params"]), checkpoint["meta"])
+                                                                            **saved["params"]), checkpoint["meta"],
+                 checkpoint["config"]["optimizer"])
         ours, theirs = (dict(asdict(c), noise_schedule=s.name, **{f"schedule_{k}": v for k, v in s.params.items()},
-                             input_scale=s.input_scale, data=m["kind"], classes=m["classes"], vae=m.get("vae"))
-                        for c, s, m in [(model_config, schedule, meta), saved])
+                             input_scale=s.input_scale, data=m["kind"], classes=m["classes"], vae=m.get("vae"),
+                             optimizer=o)
+                        for c, s, m, o in [(model_config, schedule, meta, optimizer), saved])
         if different := [f"{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]:
             raise ValueError(f"{ckpt_path} holds a different model ({', '.join(different)}); resume with its settings, "
                              "or train anew with another --out_dir")
@@ -185,11 +188,15 @@ if device_type == "cpu" and not device_given:  # a config sized for a GPU, on a 
              "use config/train_cifar_cpu.py (30 minutes) or config/train_debug.py (a minute), or pass --device=cpu to "
              "train here anyway")
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use the EMA
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+try:
+    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+except ValueError as e:  # an unknown optimizer, or Muon on a torch without it
+    fail(str(e))
 iter_num, best_val_loss, evals_without_improvement, mlflow_run_id, saved_iter = 0, float("inf"), 0, None, None
 if checkpoint is not None:
-    for obj, key in ((model, "model"), (ema_model, "ema"), (optimizer, "optimizer")):
-        obj.load_state_dict(checkpoint[key])
+    states = (checkpoint["model"], checkpoint["ema"], *checkpoint["optimizer"])  # the optimizers: one state each
+    for obj, state in zip((model, ema_model, *optimizers), states):
+        obj.load_state_dict(state)
     iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = (
         checkpoint[k] for k in ("iter_num", "best_val_loss", "evals_without_improvement", "mlflow_run_id"))
     saved_iter, old = iter_num, checkpoint["config"]
@@ -310,9 +317,10 @@ def rng_states_of_all_processes():
 
 
 def save_checkpoint(path, rng_states):
-    checkpoint = dict(model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
+    optimizer_states = [o.state_dict() for o in optimizers]  # one per optimizer (configure_optimizers)
+    checkpoint = dict(model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer_states,
                       iter_num=iter_num, best_val_loss=best_val_loss, rng=rng_states, mlflow_run_id=mlflow_run_id,
-                      evals_without_improvement=evals_without_improvement, config=config, meta=meta,
+                      evals_without_improvement=evals_without_improvement, config=config, meta=meta, layout=LAYOUT,
                       model_config=asdict(model_config), noise_schedule=asdict(schedule))
     torch.save(checkpoint, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)  # a crash mid-write never leaves a broken checkpoint
@@ -346,7 +354,7 @@ iters_since_log, t_log, stopping, diverged = 0, time.time(), False, None
 while iter_num < max_iters:
     # 1. the learning rate of this iteration
     lr = get_lr(iter_num, lr_decay_iters or max_iters)
-    for group in optimizer.param_groups:
+    for group in (group for o in optimizers for group in o.param_groups):
         group["lr"] = lr
     # 2. forward and backward over the micro-steps; DDP averages the gradients on the last one only
     for micro_step, stream in enumerate(streams):
@@ -360,8 +368,9 @@ while iter_num < max_iters:
     #    on the decay is (1 + n) / (10 + n), so the EMA follows the weights
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for o in optimizers:
+        o.step()
+        o.zero_grad(set_to_none=True)
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
     iter_num, iters_since_log = iter_num + 1, iters_since_log + 1

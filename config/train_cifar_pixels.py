@@ -6,6 +6,7 @@ dataset = "cifar10_pixels"
 n_layer, n_head, n_embd = 12, 12, 768  # DiT-B (Peebles & Xie 2022, Table 1)
 patch_size = 2
 batch_size = 256
+optimizer = "muon"  # measured on the CPU model (config/train_cifar_cpu.py, README "What each change buys"), untried here
 learning_rate = 2e-4
 min_lr = 2e-5
 warmup_iters = 1000

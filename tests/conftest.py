@@ -7,8 +7,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-# Two CPU cores: keep torch from oversubscribing them when tests run subprocesses.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two CPU cores: keep torch from oversubscribing them. Under pytest -n 2 each worker (and what it starts) gets one.
+THREADS = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
+torch.set_num_threads(min(int(THREADS), torch.get_num_threads()))
 # The user's MLflow settings (an exported MLFLOW_TRACKING_URI for a team server, say) must
 # neither change what the tests see nor receive their runs: every test names its own store.
 for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
@@ -50,7 +51,7 @@ def run_script(script, *args, cwd, env=None, timeout=600):
     import subprocess
 
     full_env = dict(
-        os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", MLFLOW_DISABLE_TELEMETRY="true"
+        os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS=THREADS, MLFLOW_DISABLE_TELEMETRY="true"
     )
     full_env.update(env or {})
     return subprocess.run(
@@ -165,10 +166,10 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 def start(cwd, *args, torchrun=(), script="train.py", tiny=True):
     """A script (under torchrun with its arguments) as a running process whose output (stderr merged in) can be read
-    as it comes. One thread per process under torchrun; a single process gets the two of run_script."""
+    as it comes. One thread per process under torchrun; a single process gets run_script's."""
     import subprocess
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else "2", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else THREADS, HF_HUB_OFFLINE="1")
     return subprocess.Popen([*(TORCHRUN + list(torchrun) if torchrun else [sys.executable]), os.path.join(REPO, script),
                              *(TINY if tiny else []), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -8,8 +8,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import randomize_, tiny_config
-from model import (DiT, DiTConfig, check_objective, ddim_sample, diffusion_loss, dpm_solver_sample, generate, get_noise_schedule,
-                   guided_prediction, logsnr_times, sample_t, solve)
+from model import (DiT, DiTConfig, apply_rope, check_objective, ddim_sample, diffusion_loss, dpm_solver_sample, generate,
+                   get_noise_schedule, guided_prediction, logsnr_times, rope_2d, sample_t, solve)
 
 SCHEDULES = [
     ("linear", {}),
@@ -58,10 +58,55 @@ def test_init_is_identity():
     class_token = model.class_embed(y)[:, None]
     time_modulation = torch.randn(4, 6, 32)  # even a non-zero shared modulation: the gates are per block
     time_modulation[:, [2, 5]] = 0
-    for block in model.blocks:
-        assert torch.equal(block(tokens, class_token, time_modulation), tokens)  # gates start at zero
+    rope, skip = (model.rope_cos, model.rope_sin), torch.randn_like(tokens)
+    for block in model.blocks:  # gates start at zero: a block passes on its input (merged with its long skip, if any)
+        merged = block.skip(torch.cat([tokens, skip], dim=-1)) if block.skip is not None else tokens
+        assert torch.equal(block(tokens, class_token, time_modulation, rope, skip), merged)
     randomize_(model)
-    assert not torch.allclose(model.blocks[0](tokens, class_token, time_modulation), tokens)
+    assert not torch.allclose(model.blocks[0](tokens, class_token, time_modulation, rope), tokens)
+
+
+def test_long_skips_join_mirror_blocks():
+    """U-ViT's wiring: with 5 blocks, block 4 gets block 0's output and block 3 block 1's; blocks 0-2 get none."""
+    model = randomize_(DiT(tiny_config(n_layer=5)))
+    inputs, outputs = {}, {}
+
+    def record(i):
+        def hook(module, args, out):
+            inputs[i], outputs[i] = args[4:], out
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(record(i))
+    model(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    assert [len(inputs[i]) and inputs[i][0] is not None for i in range(5)] == [False, False, False, True, True]
+    assert inputs[3][0] is outputs[1] and inputs[4][0] is outputs[0]
+
+
+def test_rope_depends_only_on_relative_position():
+    """A query and a key rotated for patches (r1, c1) and (r2, c2) meet in the same dot product as for any two patches
+    the same rows and columns apart, and the rotation keeps their length."""
+    cos, sin = rope_2d(head_dim=16, grid_size=6)
+    q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    rotated = lambda v, r, c: apply_rope(v, cos[r * 6 + c].double(), sin[r * 6 + c].double())  # noqa: E731
+    dots = [rotated(q, r, c) @ rotated(k, r + 2, c - 1) for r, c in [(0, 1), (1, 3), (3, 5)]]
+    assert torch.allclose(torch.stack(dots), dots[0].expand(3), atol=1e-6), dots
+    assert not torch.allclose(rotated(q, 0, 1) @ rotated(k, 2, 0), rotated(q, 0, 1) @ rotated(k, 0, 2), atol=1e-3)
+    assert torch.allclose(rotated(q, 4, 2).norm(), q.norm(), atol=1e-6)
+
+
+def test_muon_takes_the_blocks_matrices():
+    model = DiT(tiny_config(n_layer=3))
+    muon, adamw = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", optimizer="muon")
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    held = [p for o in (muon, adamw) for group in o.param_groups for p in group["params"]]
+    assert sorted(map(id, held)) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    matrices = {n for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2}
+    assert {n for n, p in model.named_parameters() if any(p is q for q in muon.param_groups[0]["params"])} == {
+        n for n in matrices if not n.endswith(".modulation")}
+    assert len(model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")) == 1
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose adamw or muon"):
+        model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", optimizer="sgd")
 
 
 def test_class_and_time_change_the_output():
@@ -458,20 +503,24 @@ def test_guidance():
 # --- a tiny model really learns ---------------------------------------------------
 
 
-@pytest.mark.parametrize("name, prediction", [("cosine", "eps"), ("flow", "velocity")])
-def test_tiny_dit_learns_two_images(name, prediction):
+@pytest.mark.parametrize("name, prediction, optimizer", [("cosine", "eps", "adamw"), ("flow", "velocity", "adamw"),
+                                                        ("flow", "velocity", "muon")])
+def test_tiny_dit_learns_two_images(name, prediction, optimizer):
     torch.manual_seed(0)
     images = torch.rand(2, 3, 8, 8).round() * 2 - 1  # two fixed, very different binary images
     model = DiT(tiny_config(n_embd=64, n_head=4, prediction=prediction))
     schedule = get_noise_schedule(name)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    optimizers = model.configure_optimizers(0.0, 2e-3, (0.9, 0.999), "cpu", optimizer)
+    losses = []
     for step in range(300):
         y = torch.randint(0, 2, (32,))
         loss = diffusion_loss(model, schedule, images[y], y, class_dropout=0.1)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.2
+        for o in optimizers:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert sum(losses[-50:]) / 50 < 0.2  # one batch's loss is noisy: the mean of the last 50
     model.eval()
     y = torch.tensor([0, 1] * 4)
     for sampler in SAMPLERS:

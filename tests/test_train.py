@@ -78,7 +78,9 @@ def test_train_end_to_end_with_mlflow(tiny_run):
 
 # --- resume, preemption and divergence -------------------------------------------------------
 # One uninterrupted run is the reference for every way of getting to the same iteration.
-EXACT = ["--lr_decay_iters=100", "--warmup_iters=5", "--log_interval=10", "--eval_interval=50", "--dropout=0.1", "--dtype=bfloat16"]
+# Muon (for the blocks' matrices) and AdamW (the rest): both optimizers' states must come back.
+EXACT = ["--lr_decay_iters=100", "--warmup_iters=5", "--log_interval=10", "--eval_interval=50", "--dropout=0.1", "--dtype=bfloat16",
+         "--optimizer=muon"]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +101,10 @@ def test_resume_is_exact(cwd, straight):
     assert "iter 60: loss" in second.stdout and "iter 10: loss" not in second.stdout
     assert same_weights(straight[0], cwd / "halves" / "ckpt.pt")  # bit-identical
     a, b = torch.load(straight[0], weights_only=True), torch.load(cwd / "halves" / "ckpt.pt", weights_only=True)
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    assert [len(o["state"]) for o in a["optimizer"]] == [len(o["state"]) for o in b["optimizer"]] and len(a["optimizer"]) == 2
+    for oa, ob in zip(a["optimizer"], b["optimizer"]):  # Muon's momentum, AdamW's two moments
+        for pa, pb in zip(oa["state"].values(), ob["state"].values()):
+            assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
     assert losses(straight[1])[5:] == losses(second.stdout)  # the same log after the resume
     client = mlflow_client(f"sqlite:///{cwd}/mlflow.db")
     run = the_only_run(client, "resume")  # the resumed run continues, no second run
@@ -173,6 +177,8 @@ def test_resume_refuses_another_diffusion(cwd):
                          "prediction='v' there, 'velocity' here", "input_scale=1.0 there, 0.5 here", "another --out_dir")
     proc = bad(cwd, "--max_iters=40", "--init_from=resume", "--schedule_tau=2.0", "--n_layer=3")
     assert_clean_failure(proc, "schedule_tau=1.0 there, 2.0 here", "n_layer=2 there, 3 here")
+    proc = bad(cwd, "--max_iters=40", "--init_from=resume", "--optimizer=muon")
+    assert_clean_failure(proc, "holds a different model (optimizer='adamw' there, 'muon' here)", "resume with its settings")
     proc = train(cwd, "--max_iters=40", "--init_from=resume", "--schedule_start=0.0")  # the default, spelled out: the same
     assert proc.returncode == 0, proc.stderr
     assert (cwd / "out-debug" / "ckpt.pt").read_bytes() != ckpt
