@@ -326,7 +326,8 @@ class DiT(nn.Module):
             muon = [p for name, p in self.blocks.named_parameters() if p.dim() == 2 and not name.endswith("modulation")]
         elif optimizer != "adamw":
             raise ValueError(f"unknown optimizer {optimizer!r}; choose adamw or muon")
-        rest = [p for p in params if all(p is not q for q in muon)]
+        in_muon = {id(p) for p in muon}
+        rest = [p for p in params if id(p) not in in_muon]
         groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
@@ -339,7 +340,7 @@ class DiT(nn.Module):
         """Matmul FLOPs (2 per multiply-add) for one image; training counts the forward pass and a backward pass
         twice as expensive. Elementwise ops, norms and softmax are left out: they are a few percent of the total."""
         c, N = self.config, self.grid_size**2
-        D, L, p, C, hidden = c.n_embd, c.n_layer, c.patch_size, c.in_channels, int(2 / 3 * c.n_embd * c.mlp_ratio)
+        D, L, p, C, hidden = c.n_embd, c.n_layer, c.patch_size, c.in_channels, self.blocks[0].proj.in_features
         # qkv, the class token's k and v, q @ k^T and attention @ v over N+1 keys, projection, MLP
         per_block = 2 * N * D * 3 * D + 2 * D * 2 * D + 2 * 2 * N * (N + 1) * D + 2 * N * D * D + 2 * 3 * N * D * hidden
         # patch embedding, timestep MLP, adaLN-single, the blocks and their long skips, output layer
