@@ -115,7 +115,7 @@ def timed(fn, repeats):
         fn()
     synchronize()
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
-    return (time.perf_counter() - t0) / repeats, memory
+    return (time.perf_counter() - t0) / max(1, repeats), memory
 
 
 print(f"warming up {warmup_steps} training steps{' (compiling)' if compile else ''}...", flush=True)

@@ -54,14 +54,14 @@ def progress(total, what):
 
 
 def mlflow_tracking(uri=""):
-    """(the mlflow module, the tracking URI): uri, else $MLFLOW_TRACKING_URI, else MLflow's
-    default local store sqlite:///mlflow.db in this folder; set to fail fast (no retries,
+    """(the mlflow module, the tracking URI): uri, else $MLFLOW_TRACKING_URI, else MLflow's default local store,
+    mlflow.db in this folder, by its absolute path (the URI printed works from anywhere); set to fail fast (no retries,
     10 s timeout) so that a dead server costs nothing. Imported here: only logging needs it."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
 
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
     mlflow.set_tracking_uri(uri)
     return mlflow, uri
 
@@ -119,9 +119,11 @@ def start_processes(device):
     return device, dist.get_rank(), dist.get_world_size()
 
 
-def end_processes(code):
-    """Exit with code. Under torchrun leave the process group, then exit without interpreter teardown: it aborts
-    (SIGABRT) if gloo's threads still free the last collective's tensors when it starts."""
+def end_processes(code, message=""):
+    """Exit with code (after one error line, given a message). Under torchrun leave the process group, then exit
+    without interpreter teardown: it aborts (SIGABRT) if gloo's threads still free the last collective's tensors."""
+    if message:
+        print(f"error: {message}", file=sys.stderr, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
         sys.stdout.flush()

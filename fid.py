@@ -14,7 +14,6 @@ or NVIDIA) and pytorch-fid's preprocessing: uint8 RGB -> [0, 1] -> bilinear 299x
 
 import importlib.util
 import os
-import sys
 import time
 import warnings
 import zipfile
@@ -66,15 +65,16 @@ def installed_nvidia_weights():
     return path if path and os.path.exists(path) else None
 
 
-def nvidia_state_dict(path):
-    """The tensors of NVIDIA's TorchScript Inception (StyleGAN2-ADA's inception-2015-12-05.pt)
-    renamed for build_fid_inception(). Its 94 convolutions carry TF names (mixed_3.tower_1_conv
-    .weight, .beta, .mean, .var) in torchvision's order; TF batch norm has no scale, eps 1e-3."""
+def nvidia_state_dict(path, net=None):
+    """The tensors of NVIDIA's TorchScript Inception (StyleGAN2-ADA's inception-2015-12-05.pt) renamed for net, a
+    build_fid_inception() (one is built if not given). Its 94 convolutions carry TF names (mixed_3.tower_1_conv.weight,
+    .beta, .mean, .var) in torchvision's order; TF batch norm has no scale, eps 1e-3."""
     with warnings.catch_warnings():  # "torch.jit.load is deprecated": the file is TorchScript all the same
         warnings.simplefilter("ignore")
         theirs = torch.jit.load(path, map_location="cpu").state_dict()
     tf_names = [k[: -len(".weight")] for k in theirs if k.endswith(".weight")]
-    names = [k[: -len(".conv.weight")] for k in build_fid_inception().state_dict() if k.endswith(".conv.weight")]
+    ours = (net or build_fid_inception()).state_dict()
+    names = [k[: -len(".conv.weight")] for k in ours if k.endswith(".conv.weight")]
     if len(tf_names) != len(names):
         raise ValueError(f"a TorchScript module with {len(tf_names)} weight tensors, not the {len(names)} convolutions "
                          "of the TF Inception")
@@ -111,7 +111,8 @@ def load_inception(weights="", device="cpu"):
         if weights:  # TorchScript is a zip with code; pytorch-fid's .pth a plain state dict
             zipped = zipfile.is_zipfile(weights) and zipfile.ZipFile(weights).namelist()
             torchscript = zipped and any(n.endswith("constants.pkl") for n in zipped)
-            state_dict = nvidia_state_dict(weights) if torchscript else torch.load(weights, "cpu", weights_only=True)
+            state_dict = (nvidia_state_dict(weights, net) if torchscript
+                          else torch.load(weights, "cpu", weights_only=True))
         net.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("fc.")})
     except Exception as e:
         raise DataError(f"{weights or FID_WEIGHTS_URL} is not the FID Inception: neither pytorch-fid's weights (.pth) "
@@ -153,9 +154,9 @@ def share(n):
 
 
 def pooled_statistics(local_sums, device="cpu"):
-    """(mu, sigma), numpy, of the features whose feature_sums each process computes with local_sums(), added up over
-    the processes (a collective under torchrun). A DataError in any process raises one in all: its own in the first
-    that failed, an empty one in the others, so that one line says what went wrong."""
+    """(mu, sigma, count), mu and sigma numpy, of the features whose feature_sums each process computes with
+    local_sums(), added up over the processes (a collective under torchrun). A DataError in any process raises one in
+    all: its own in the first that failed, an empty one in the others, so that one line says what went wrong."""
     try:
         (n, total, outer), problem = local_sums(), None
     except DataError as e:
@@ -171,7 +172,7 @@ def pooled_statistics(local_sums, device="cpu"):
     if n < 2:
         raise DataError(f"FID needs at least 2 images, got {n}")
     mu = total / n
-    return mu.numpy(), ((outer - n * torch.outer(mu, mu)) / (n - 1)).numpy()
+    return mu.numpy(), ((outer - n * torch.outer(mu, mu)) / (n - 1)).numpy(), n
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -206,16 +207,14 @@ def load_stats(path):
 
 def images_statistics(read, net, what):
     """(mu, sigma, count) of the uint8 images that read() returns, each process scoring its share."""
-    count = []
 
     def local_sums():
         images = read()
         lo, hi = share(len(images))
-        count.append(len(images))
         with progress(hi - lo, f"features of {what}") as bar:
             return feature_sums(net, images[lo:hi], bar=bar)
 
-    return *pooled_statistics(local_sums, next(net.parameters()).device), count[0]
+    return pooled_statistics(local_sums, next(net.parameters()).device)
 
 
 def reference_statistics(ref, net, stats_dir="fid_stats", data_dir="data"):
@@ -264,7 +263,7 @@ def score(model, schedule, meta, net, ref_stats, num_samples, vae=None, seed=0, 
                 bar.update(len(images))
         return sums
 
-    mu, sigma = pooled_statistics(local_sums, next(net.parameters()).device)
+    mu, sigma, _ = pooled_statistics(local_sums, next(net.parameters()).device)
     if rank_and_world()[0] != 0:
         return None, (mu, sigma)
     processes = f" ({rank_and_world()[1]} processes)" if dist.is_initialized() else ""
@@ -306,17 +305,11 @@ if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     device, dtype = pick_device(device, dtype)
     device, rank, _ = start_processes(device)  # under torchrun each process scores its share, rank 0 reports
-
-    def leave(code, message=""):
-        """End every process alike; a message (one line) comes from one process only."""
-        if message:
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        end_processes(code)
-
     problem = None
     try:  # what the user gave, checked in every process before any work; then all go on, or all stop
         if images and ckpt:
             raise ValueError("give --images or --ckpt, not both")
+        autocast = autocast_context(device, dtype)
         if images:
             _, source, read = real_images(images, data_dir)
             fake = read()
@@ -334,7 +327,7 @@ if __name__ == "__main__":
     except (DataError, ValueError) as e:
         problem = str(e)
     if (failed := first_failure(problem is None, device)) is not None:
-        leave(1, problem if failed == rank else "")
+        end_processes(1, problem if failed == rank else "")  # the message from one process
     try:
         ref_stats = reference_statistics(ref, net, stats_dir, data_dir)
         if images:
@@ -343,12 +336,12 @@ if __name__ == "__main__":
         elif num_samples:
             net_g = compile_model(model, device) if compile else model
             fid, (mu, sigma) = score(net_g, schedule, meta, net, ref_stats, num_samples, decoder, seed, batch_size,
-                                     autocast_context(device, dtype), **sampling)
+                                     autocast, **sampling)
             count, source = num_samples, f"samples of {ckpt}, {sampler} {steps} steps, cfg_scale {cfg_scale}"
         else:
-            leave(0)  # only the reference statistics were asked for
+            end_processes(0)  # only the reference statistics were asked for
     except DataError as e:  # raised alike in every process (pooled_statistics); the message in one
-        leave(1, str(e))
+        end_processes(1, str(e))
     if rank == 0:
         if stats_out:
             save_stats(stats_out, mu, sigma, count, source)
@@ -361,4 +354,4 @@ if __name__ == "__main__":
                 print(f"logged {name} = {fid:.3f} at iter {step} to MLflow run {run_id}")
             except Exception as e:
                 warn(f"could not log the FID to MLflow ({one_line(e)})")
-    leave(0)
+    end_processes(0)

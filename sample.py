@@ -59,12 +59,12 @@ def find_checkpoint(path="", quiet=False):
     return found[-1]
 
 
-def read_checkpoint(path):
-    """The dict in a train.py checkpoint. It holds only tensors, numbers, strings, lists and
-    dicts, so it is read with weights_only=True: a file whose pickle would build any other
-    Python object (which is how a booby-trapped checkpoint runs code) is refused unread."""
+def read_checkpoint(path, if_missing="train one with train.py, or pass --ckpt=path/to/ckpt.pt"):
+    """The dict in a train.py checkpoint. It holds only tensors, numbers, strings, lists and dicts, so it is read with
+    weights_only=True: a file whose pickle would build any other Python object (which is how a booby-trapped checkpoint
+    runs code) is refused unread."""
     if not os.path.exists(path):
-        raise DataError(f"no checkpoint {path}; train one with train.py, or pass --ckpt=path/to/ckpt.pt")
+        raise DataError(f"no checkpoint {path}; {if_missing}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         if missing := {"model", "ema", "model_config", "noise_schedule", "meta"} - set(checkpoint):
@@ -176,13 +176,12 @@ if __name__ == "__main__":
     if trajectory_show not in ("x_t", "x0"):
         fail(f"trajectory_show must be 'x_t' or 'x0', got {trajectory_show!r}")
     try:
-        sampling = sampler_settings(sampler, steps, cfg_scale, eta)
+        sampling, autocast = sampler_settings(sampler, steps, cfg_scale, eta), autocast_context(device, dtype)
         model, schedule, meta, _ = load_checkpoint(find_checkpoint(ckpt), use_ema, device)
         class_ids = parse_classes(classes, meta["classes"])
         decoder = load_decoder(meta, vae, device)
     except (DataError, ValueError) as e:
         fail(str(e))
-    autocast = autocast_context(device, dtype)
     net = compile_model(model, device) if compile else model
     names = [meta["classes"][c] for c in class_ids]
 

@@ -94,7 +94,7 @@ peak_flops = 0.0  # one device's peak FLOP/s for MFU (0: look the GPU up in data
 seed = 1337
 # MLflow
 mlflow_log = True  # log params, metrics and sample grids to MLflow
-mlflow_tracking_uri = ""  # '' = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder
+mlflow_tracking_uri = ""  # '' = $MLFLOW_TRACKING_URI, else mlflow.db in this folder (SQLite)
 mlflow_experiment = "nano-diffusion"
 mlflow_run_name = ""  # '' lets MLflow pick one
 # -----------------------------------------------------------------------------
@@ -113,8 +113,7 @@ if batch_size % (world_size * gradient_accumulation_steps):
     fail(f"batch_size {batch_size} is not divisible by {world_size} processes x {gradient_accumulation_steps} "
          "accumulation steps; change --batch_size or --gradient_accumulation_steps")
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)  # per process, per micro-step
-for key, allowed in [("init_from", ("scratch", "resume")), ("lr_decay", ("cosine", "constant")),
-                     ("dtype", ("bfloat16", "float32"))]:
+for key, allowed in [("init_from", ("scratch", "resume")), ("lr_decay", ("cosine", "constant"))]:
     if globals()[key] not in allowed:
         fail(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
 if fid_interval % eval_interval:
@@ -122,18 +121,16 @@ if fid_interval % eval_interval:
 data_path, ckpt_path = os.path.join(data_dir, dataset), os.path.join(out_dir, "ckpt.pt")
 checkpoint = None
 try:
-    meta = load_meta(data_path)
+    autocast, meta = autocast_context(device, dtype), load_meta(data_path)
     x_train, y_train = load_split(data_path, "train")
     x_val, y_val = load_split(data_path, "test") if "test" in meta["splits"] else (x_train, y_train)
     params = dict(start=schedule_start, end=schedule_end, tau=schedule_tau, clip_min=schedule_clip_min)
     schedule = get_noise_schedule(noise_schedule, input_scale, **{k: v for k, v in params.items() if v is not None})
     check_objective(schedule, prediction)
     sampling = sampler_settings(sampler, sample_steps, sample_cfg_scale)
-    if init_from == "resume" and not os.path.exists(ckpt_path):
-        raise DataError(f"--init_from=resume but there is no {ckpt_path}; train from scratch first, or point --out_dir "
-                        "at a run")
-    if init_from == "resume":
-        checkpoint = read_checkpoint(ckpt_path)  # weights_only: a booby-trapped file is refused unread
+    if init_from == "resume":  # weights_only: a booby-trapped file is refused unread
+        checkpoint = read_checkpoint(ckpt_path, "--init_from=resume needs one: train from scratch first, or point "
+                                                "--out_dir at a run")
     elif os.path.exists(ckpt_path):
         raise DataError(f"{ckpt_path} already exists; continue it with --init_from=resume, or pick another --out_dir")
     model_config = DiTConfig(input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size,
@@ -158,7 +155,6 @@ except (DataError, ValueError) as e:
 torch.manual_seed(seed)  # the same initial weights on every process
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 matmuls outside autocast
-autocast = autocast_context(device, dtype)
 # The whole dataset lives on the device; batches are random indices into it.
 x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
 if meta["kind"] == "latents":  # normalise once; pixels stay uint8 (4x smaller) until batched
@@ -200,33 +196,29 @@ if checkpoint is not None:
     iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = (
         checkpoint[k] for k in ("iter_num", "best_val_loss", "evals_without_improvement", "mlflow_run_id"))
     saved_iter, old = iter_num, checkpoint["config"]
-    saved_streams = [stream for r in checkpoint["rng"] for stream in r.get("streams", [])]
     old_end, new_end = old["lr_decay_iters"] or old["max_iters"], lr_decay_iters or max_iters
     if master and lr_decay == "cosine" and old_end != new_end and not lr_decay_iters and iter_num > warmup_iters:
         warn(f"max_iters {old['max_iters']} -> {max_iters} moves the end of the cosine decay: at iter {iter_num} the "
              f"learning rate jumps from {get_lr(iter_num, old_end):.2e} to {get_lr(iter_num, new_end):.2e}; pass "
              f"--lr_decay_iters={old_end} to keep the old schedule")
-    if len(checkpoint["rng"]) == world_size:  # each process's global generators (dropout) go on
-        torch.set_rng_state(checkpoint["rng"][rank]["cpu"])
-        if device_type == "cuda" and checkpoint["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"][rank]["cuda"])
-    else:
-        torch.manual_seed(seed + rank + iter_num)
-else:
-    torch.manual_seed(seed + rank)  # dropout differs from process to process
 # Random streams: micro-step k of process r draws its batch and noise from stream r * A + k (A accumulation steps), so
 # an iteration sees the same images and noise however it is split over processes and micro-steps: 2 processes x 1 step
-# train as 1 process x 2 steps, and resume is exact whenever processes x steps stays the same.
-A = gradient_accumulation_steps
+# train as 1 process x 2 steps, and resume is exact whenever processes x steps stays the same. The global generators
+# (dropout) differ from process to process, and go on where they were when the number of processes stays the same.
+A, saved = gradient_accumulation_steps, checkpoint["rng"] if checkpoint is not None else []
 streams = [torch.Generator(device).manual_seed(seed + rank * A + k + 1_000_003 * iter_num) for k in range(A)]
-if checkpoint is not None:
-    if len(saved_streams) == world_size * A:
-        for k, stream in enumerate(streams):
-            stream.set_state(saved_streams[rank * A + k])
-    elif master:
-        print(f"checkpoint has {len(saved_streams)} random streams, this run {world_size * A} (processes x "
-              "accumulation steps): the streams start anew")
-    checkpoint = None  # free the memory
+torch.manual_seed(seed + rank + iter_num)
+if len(saved) == world_size:
+    torch.set_rng_state(saved[rank]["cpu"])
+    if device_type == "cuda" and saved[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(saved[rank]["cuda"])
+if len(saved_streams := [stream for r in saved for stream in r["streams"]]) == world_size * A:
+    for k, stream in enumerate(streams):
+        stream.set_state(saved_streams[rank * A + k])
+elif saved and master:
+    print(f"checkpoint has {len(saved_streams)} random streams, this run {world_size * A} (processes x accumulation "
+          "steps): the streams start anew")
+checkpoint = None  # free the memory
 raw_model = model
 if compile:
     print("compiling the model...")

@@ -15,6 +15,7 @@ torch.set_num_threads(min(int(THREADS), torch.get_num_threads()))
 for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
     del os.environ[key]
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["HF_HUB_OFFLINE"] = "1"  # a VAE that is not on disk fails at once instead of asking the hub (read at import)
 
 
 @pytest.fixture(autouse=True)
@@ -46,30 +47,26 @@ def repo():
     return REPO
 
 
-def run_script(script, *args, cwd, env=None, timeout=600):
-    """Run one of the repo's scripts as a user would, from directory cwd."""
-    import subprocess
+def run_script(script, *args, cwd, env=None, process=False):
+    """Run one of the repo's scripts as a user would, from directory cwd, and return its (returncode, stdout, stderr).
+    It runs inside this process (runpy), which spares the interpreter's, torch's and MLflow's start-up, 4-7 s a run,
+    unless it needs a process of its own: another environment (env), or process=True (its wall time is measured)."""
+    if env is not None or process:
+        import subprocess
 
-    full_env = dict(
-        os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS=THREADS, MLFLOW_DISABLE_TELEMETRY="true"
-    )
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, os.path.join(REPO, script), *map(str, args)],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def run_inline(script, *args, cwd):
-    """A script run as run_script does, but inside this process: for the many runs that end in their first second
-    (bad input), without paying the interpreter's and torch's start-up each time. Returns what run_script does."""
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
+        return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=dict(full_env, **(env or {})),
+                              capture_output=True, text=True, timeout=600)
     import contextlib
+    import gc
     import io
     import runpy
+    import signal
     import traceback
     from types import SimpleNamespace
 
-    out, err, code, argv, here = io.StringIO(), io.StringIO(), 0, sys.argv, os.getcwd()
+    out, err, code, argv, here, environ = io.StringIO(), io.StringIO(), 0, sys.argv, os.getcwd(), dict(os.environ)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.py installs its own
     sys.argv = [os.path.join(REPO, script), *map(str, args)]
     try:
         os.chdir(cwd)
@@ -82,6 +79,13 @@ def run_inline(script, *args, cwd):
         code, _ = 1, err.write(traceback.format_exc())
     finally:
         sys.argv, _ = argv, os.chdir(here)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if "mlflow" in sys.modules:  # a run a failed script left open must not become the next script's
+            sys.modules["mlflow"].end_run()
+        os.environ.clear()  # (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, for the processes it starts)
+        os.environ.update(environ)
+        gc.collect()
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 

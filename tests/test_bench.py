@@ -2,7 +2,7 @@ import os
 import re
 import time
 
-from conftest import REPO, assert_clean_failure, run_inline, run_script
+from conftest import REPO, assert_clean_failure, run_script
 
 ROW = r"\| {what} \| {batch} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.e+-]+) \| - \| - \|"
 
@@ -12,7 +12,7 @@ def bench(tmp_path, steps):
     proc = run_script(
         "bench.py", os.path.join(REPO, "config", "train_debug.py"), "--input_shape=3,16,16", "--batch_size=32", "--n_embd=128",
         "--n_head=4", "--warmup_steps=2", f"--bench_steps={steps}", "--sample_steps=2", "--sample_batch_size=4", "--compile=False",
-        "--sampler=dpm++2m", cwd=tmp_path,
+        "--sampler=dpm++2m", cwd=tmp_path, process=True,
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, time.time() - started
@@ -47,9 +47,9 @@ def test_bench_on_cpu_with_a_train_config(tmp_path):
 
 
 def test_bench_errors(tmp_path):
-    proc = run_inline("bench.py", "--dataset=unknown", cwd=tmp_path)
+    proc = run_script("bench.py", "--dataset=unknown", cwd=tmp_path)
     assert_clean_failure(proc, "no data/unknown/meta.json", "--input_shape=C,H,W")
-    proc = run_inline("bench.py", "--input_shape=3,8,8", "--patch_size=3", cwd=tmp_path)
+    proc = run_script("bench.py", "--input_shape=3,8,8", "--patch_size=3", cwd=tmp_path)
     assert_clean_failure(proc, "not divisible by patch_size 3")
-    proc = run_inline("bench.py", "--input_shape=3,8,8", "--sampler=heun", cwd=tmp_path)
+    proc = run_script("bench.py", "--input_shape=3,8,8", "--sampler=heun", cwd=tmp_path)
     assert_clean_failure(proc, "unknown sampler 'heun'; choose one of ddim, dpm++2m")

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import REPO, assert_clean_failure, make_image_folder, make_tiny_vae, run_inline, run_script
+from conftest import REPO, assert_clean_failure, make_image_folder, make_tiny_vae, run_script
 
 
 def prepare(tmp_path, *args):
@@ -113,7 +113,7 @@ def make_cifar_download(folder, per_batch=4):
 
 def test_cifar10_through_torchvision(tmp_path):
     """The CIFAR-10 path end to end on a download the test makes: only torchvision's md5 checks
-    (which the fake files cannot pass; a failed one fetches the real archive) are switched off."""
+    (which the fake files cannot pass; a failed one fetches the real archive) are switched off, in a process of its own."""
     from data import resize_crop
 
     expected, names = make_cifar_download(tmp_path / "data" / "downloads")
@@ -123,7 +123,7 @@ def test_cifar10_through_torchvision(tmp_path):
         f"sys.argv[0], sys.path[0] = {os.path.join(REPO, 'prepare_cifar.py')!r}, {REPO!r}  # as if run directly\n"
         "runpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
-    proc = run_script(tmp_path / "no_md5.py", "--vae=none", cwd=tmp_path)
+    proc = run_script(tmp_path / "no_md5.py", "--vae=none", cwd=tmp_path, process=True)
     assert proc.returncode == 0, proc.stderr
     folder = tmp_path / "data" / "cifar10_pixels"
     for split in ["train", "test"]:  # exact pixels, channels first, in the download's order
@@ -132,7 +132,8 @@ def test_cifar10_through_torchvision(tmp_path):
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["classes"] == names and meta["counts"] == {"train": 20, "test": 4} and meta["source"] == "cifar10"
 
-    proc = run_script(tmp_path / "no_md5.py", "--vae=none", "--image_size=16", "--subset=10", cwd=tmp_path)
+    proc = run_script(tmp_path / "no_md5.py", "--vae=none", "--image_size=16", "--subset=10", cwd=tmp_path,
+                      process=True)
     assert proc.returncode == 0, proc.stderr
     train = load(tmp_path / "data" / "cifar10_pixels_16_subset10", "train")
     assert torch.equal(train["labels"], torch.arange(10))  # one image of each class: the first ten
@@ -149,25 +150,25 @@ def test_errors_leave_nothing_behind(tmp_path):
     assert prepare(tmp_path, "--source=pets", "--vae=none", "--out=keep").returncode == 0
     before = (tmp_path / "data" / "keep" / "train.pt").read_bytes()
 
-    proc = run_inline("prepare_cifar.py", "--source=nowhere", "--vae=none", "--out=keep", cwd=tmp_path)
+    proc = run_script("prepare_cifar.py", "--source=nowhere", "--vae=none", "--out=keep", cwd=tmp_path)
     assert_clean_failure(proc, "nowhere", "is not a folder")
 
     (tmp_path / "empty" / "nothing_here").mkdir(parents=True)
     (tmp_path / "flat_files").mkdir()
     (tmp_path / "flat_files" / "x.png").write_bytes(b"")
-    proc = run_inline("prepare_cifar.py", "--source=flat_files", "--vae=none", "--out=keep", cwd=tmp_path)
+    proc = run_script("prepare_cifar.py", "--source=flat_files", "--vae=none", "--out=keep", cwd=tmp_path)
     assert_clean_failure(proc, "has no class sub-folders")
-    proc = run_inline("prepare_cifar.py", "--source=empty", "--vae=none", "--out=keep", cwd=tmp_path)
+    proc = run_script("prepare_cifar.py", "--source=empty", "--vae=none", "--out=keep", cwd=tmp_path)
     assert_clean_failure(proc, "holds no images")
 
     (tmp_path / "pets" / "test" / "dog" / "broken.png").write_bytes(b"not a png at all")
-    proc = run_inline("prepare_cifar.py", "--source=pets", "--vae=none", "--out=keep", cwd=tmp_path)
+    proc = run_script("prepare_cifar.py", "--source=pets", "--vae=none", "--out=keep", cwd=tmp_path)
     assert_clean_failure(proc, "cannot read image", os.path.join("test", "dog", "broken.png"))
 
     proc = prepare(tmp_path, "--source=pets", "--vae=nobody/no-such-vae", "--out=keep")  # offline
     assert_clean_failure(proc, "could not load the VAE 'nobody/no-such-vae'", "--vae=path/to/vae", "--vae=none")
 
-    proc = run_inline("prepare_cifar.py", "--source=pets", "--vea=none", cwd=tmp_path)
+    proc = run_script("prepare_cifar.py", "--source=pets", "--vea=none", cwd=tmp_path)
     assert_clean_failure(proc, "unknown config key 'vea'", "vae")
 
     assert sorted(os.listdir(tmp_path / "data")) == ["keep"]

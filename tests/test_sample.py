@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from conftest import REPO, TINY, TINY_TRAIN, assert_clean_failure, make_image_folder, make_tiny_vae, run_inline, run_script
+from conftest import REPO, TINY, TINY_TRAIN, assert_clean_failure, make_image_folder, make_tiny_vae, run_script
 
 
 def sample(cwd, *args):
@@ -109,7 +109,7 @@ def test_the_newest_run_is_the_default(tiny_checkpoint, tmp_path):
     assert "checkpoint: out-newer/ckpt.pt (the newest out*/ckpt.pt here" in proc.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_clean_failure(run_inline("sample.py", "--classes=dog", cwd=empty), "no --ckpt given and no out*/ckpt.pt in this folder",
+    assert_clean_failure(run_script("sample.py", "--classes=dog", cwd=empty), "no --ckpt given and no out*/ckpt.pt in this folder",
                          "train.py")
 
 
@@ -121,10 +121,10 @@ def test_a_checkpoint_of_an_older_layout(tiny_checkpoint, tmp_path):
     (tmp_path / "out").mkdir()
     torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
     before = (tmp_path / "out" / "ckpt.pt").read_bytes()
-    assert_clean_failure(run_inline("sample.py", "--ckpt=out/ckpt.pt", cwd=tmp_path), "out/ckpt.pt is from an older model "
+    assert_clean_failure(run_script("sample.py", "--ckpt=out/ckpt.pt", cwd=tmp_path), "out/ckpt.pt is from an older model "
                          "layout (before issue 20's long skips, SwiGLU and RoPE)", "git checkout 93c525c")
     os.symlink(tiny_checkpoint.parent.parent / "data", tmp_path / "data")
-    proc = run_inline("train.py", *TINY, "--out_dir=out", "--init_from=resume", cwd=tmp_path)
+    proc = run_script("train.py", *TINY, "--out_dir=out", "--init_from=resume", cwd=tmp_path)
     assert_clean_failure(proc, "out/ckpt.pt is from an older model layout")
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
 
@@ -156,25 +156,26 @@ def test_bad_input(tiny_checkpoint, tmp_path):
     (tmp_path / "samples").mkdir()
     (tmp_path / "samples" / "keep.png").write_bytes(b"earlier output")
     ck = f"--ckpt={tiny_checkpoint}"
-    proc = run_inline("sample.py", ck, "--classes=cat,dgo", cwd=tmp_path)
+    proc = run_script("sample.py", ck, "--classes=cat,dgo", cwd=tmp_path)
     assert_clean_failure(proc, "unknown class 'dgo'", "0=cat, 1=dog, 2=frog")
-    proc = run_inline("sample.py", ck, "--classes=3", cwd=tmp_path)
+    proc = run_script("sample.py", ck, "--classes=3", cwd=tmp_path)
     assert_clean_failure(proc, "unknown class '3'", "0=cat")
-    proc = run_inline("sample.py", "--ckpt=nowhere/ckpt.pt", cwd=tmp_path)
+    proc = run_script("sample.py", "--ckpt=nowhere/ckpt.pt", cwd=tmp_path)
     assert_clean_failure(proc, "no checkpoint nowhere/ckpt.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    proc = run_inline("sample.py", "--ckpt=other.pt", cwd=tmp_path)
+    proc = run_script("sample.py", "--ckpt=other.pt", cwd=tmp_path)
     assert_clean_failure(proc, "other.pt is not a nano-diffusion checkpoint")
-    proc = run_inline("sample.py", ck, "--steps=0", cwd=tmp_path)
+    proc = run_script("sample.py", ck, "--steps=0", cwd=tmp_path)
     assert_clean_failure(proc, "steps must be at least 1")
-    proc = run_inline("sample.py", ck, "--sampler=dpm++2m", "--eta=1.0", cwd=tmp_path)
+    proc = run_script("sample.py", ck, "--sampler=dpm++2m", "--eta=1.0", cwd=tmp_path)
     assert_clean_failure(proc, "eta is DDIM's noise and dpm++2m is deterministic", "--sampler=ddim or --eta=0")
-    proc = run_inline("sample.py", ck, "--sampler=heun", cwd=tmp_path)
+    proc = run_script("sample.py", ck, "--sampler=heun", cwd=tmp_path)
     assert_clean_failure(proc, "unknown sampler 'heun'; choose one of ddim, dpm++2m")
-    proc = run_inline("sample.py", ck, "--stpes=3", cwd=tmp_path)
+    proc = run_script("sample.py", ck, "--stpes=3", cwd=tmp_path)
     assert_clean_failure(proc, "unknown config key 'stpes'", "steps")
-    assert_clean_failure(run_inline("sample.py", ck, "--num_per_class=0", cwd=tmp_path), "num_per_class must be at least 1, got 0")
-    assert_clean_failure(run_inline("sample.py", ck, "--trajectory=True", "--trajectory_show=eps", cwd=tmp_path),
+    assert_clean_failure(run_script("sample.py", ck, "--num_per_class=0", cwd=tmp_path), "num_per_class must be at least 1, got 0")
+    assert_clean_failure(run_script("sample.py", ck, "--dtype=float16", cwd=tmp_path), "dtype must be 'bfloat16' or 'float32'")
+    assert_clean_failure(run_script("sample.py", ck, "--trajectory=True", "--trajectory_show=eps", cwd=tmp_path),
                          "trajectory_show must be 'x_t' or 'x0'")
     assert os.listdir(tmp_path / "samples") == ["keep.png"]  # nothing written or half-written
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
@@ -198,7 +199,7 @@ def test_a_booby_trapped_checkpoint_is_refused_unread(tiny_dataset, tmp_path):
     for script, args in [("sample.py", ["--ckpt=out/ckpt.pt"]), ("fid.py", ["--ckpt=out/ckpt.pt", "--num_samples=4"]),
                          ("train.py", [os.path.join(REPO, "config", "train_debug.py"), "--dataset=tiny", "--out_dir=out",
                                        "--init_from=resume"])]:
-        proc = run_inline(script, *args, cwd=tmp_path)
+        proc = run_script(script, *args, cwd=tmp_path)
         assert_clean_failure(proc, "out/ckpt.pt would build the Python object io.open", "can run code", "not loaded")
         assert not marker.exists(), script
     torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)  # the trap is real: unsafe loading runs it
