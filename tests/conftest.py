@@ -48,10 +48,11 @@ def repo():
 
 
 def run_script(script, *args, cwd, env=None, process=False):
-    """Run one of the repo's scripts as a user would, from directory cwd, and return its (returncode, stdout, stderr).
-    It runs inside this process (runpy), which spares the interpreter's, torch's and MLflow's start-up, 4-7 s a run,
-    unless it needs a process of its own: another environment (env), or process=True (its wall time is measured)."""
-    if env is not None or process:
+    """Run one of the repo's scripts as a user would, from directory cwd, with the variables env added to the environment,
+    and return its (returncode, stdout, stderr). It runs inside this process (runpy), which spares the interpreter's,
+    torch's and MLflow's start-up, 4-7 s a run, unless process=True: its wall time is measured, or its env must be seen
+    at start-up (PYTHONPATH), or it changes the interpreter's state (monkeypatches)."""
+    if process:
         import subprocess
 
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
@@ -68,6 +69,7 @@ def run_script(script, *args, cwd, env=None, process=False):
     out, err, code, argv, here, environ = io.StringIO(), io.StringIO(), 0, sys.argv, os.getcwd(), dict(os.environ)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # train.py installs its own
     sys.argv = [os.path.join(REPO, script), *map(str, args)]
+    os.environ.update(env or {})
     try:
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
