@@ -176,7 +176,8 @@ if __name__ == "__main__":
     if trajectory_show not in ("x_t", "x0"):
         fail(f"trajectory_show must be 'x_t' or 'x0', got {trajectory_show!r}")
     try:
-        sampling, autocast = sampler_settings(sampler, steps, cfg_scale, eta), autocast_context(device, dtype)
+        sampling = sampler_settings(sampler, steps, cfg_scale, eta)
+        autocast = autocast_context(device, dtype)
         model, schedule, meta, _ = load_checkpoint(find_checkpoint(ckpt), use_ema, device)
         class_ids = parse_classes(classes, meta["classes"])
         decoder = load_decoder(meta, vae, device)

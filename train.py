@@ -121,7 +121,8 @@ if fid_interval % eval_interval:
 data_path, ckpt_path = os.path.join(data_dir, dataset), os.path.join(out_dir, "ckpt.pt")
 checkpoint = None
 try:
-    autocast, meta = autocast_context(device, dtype), load_meta(data_path)
+    autocast = autocast_context(device, dtype)  # first: a bad dtype is said before the data loads
+    meta = load_meta(data_path)
     x_train, y_train = load_split(data_path, "train")
     x_val, y_val = load_split(data_path, "test") if "test" in meta["splits"] else (x_train, y_train)
     params = dict(start=schedule_start, end=schedule_end, tau=schedule_tau, clip_min=schedule_clip_min)
@@ -205,17 +206,17 @@ if checkpoint is not None:
 # an iteration sees the same images and noise however it is split over processes and micro-steps: 2 processes x 1 step
 # train as 1 process x 2 steps, and resume is exact whenever processes x steps stays the same. The global generators
 # (dropout) differ from process to process, and go on where they were when the number of processes stays the same.
-A, saved = gradient_accumulation_steps, checkpoint["rng"] if checkpoint is not None else []
+A, saved_rng = gradient_accumulation_steps, checkpoint["rng"] if checkpoint is not None else []
 streams = [torch.Generator(device).manual_seed(seed + rank * A + k + 1_000_003 * iter_num) for k in range(A)]
 torch.manual_seed(seed + rank + iter_num)
-if len(saved) == world_size:
-    torch.set_rng_state(saved[rank]["cpu"])
-    if device_type == "cuda" and saved[rank]["cuda"] is not None:
-        torch.cuda.set_rng_state(saved[rank]["cuda"])
-if len(saved_streams := [stream for r in saved for stream in r["streams"]]) == world_size * A:
+if len(saved_rng) == world_size:
+    torch.set_rng_state(saved_rng[rank]["cpu"])
+    if device_type == "cuda" and saved_rng[rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(saved_rng[rank]["cuda"])
+if len(saved_streams := [stream for r in saved_rng for stream in r["streams"]]) == world_size * A:
     for k, stream in enumerate(streams):
         stream.set_state(saved_streams[rank * A + k])
-elif saved and master:
+elif saved_rng and master:
     print(f"checkpoint has {len(saved_streams)} random streams, this run {world_size * A} (processes x accumulation "
           "steps): the streams start anew")
 checkpoint = None  # free the memory

@@ -55,9 +55,9 @@ def run_script(script, *args, cwd, env=None, process=False):
     if process:
         import subprocess
 
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS)
-        return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=dict(full_env, **(env or {})),
-                              capture_output=True, text=True, timeout=600)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS, **(env or {}))
+        return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=600)
     import contextlib
     import gc
     import io
@@ -175,7 +175,7 @@ def start(cwd, *args, torchrun=(), script="train.py", tiny=True):
     as it comes. One thread per process under torchrun; a single process gets run_script's."""
     import subprocess
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else THREADS, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else THREADS)
     return subprocess.Popen([*(TORCHRUN + list(torchrun) if torchrun else [sys.executable]), os.path.join(REPO, script),
                              *(TINY if tiny else []), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -9,8 +9,8 @@ import torch
 
 from conftest import REPO, TINY, assert_clean_failure, free_port, run_script
 
-def train(cwd, *args, env=None):
-    return run_script("train.py", *TINY, *args, cwd=cwd, env=env)
+def train(cwd, *args):
+    return run_script("train.py", *TINY, *args, cwd=cwd)
 
 
 def losses(stdout):
