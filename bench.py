@@ -13,8 +13,9 @@ import sys
 import time
 import torch
 
-from data import autocast_context, compile_model, fail, gpu_peak_flops, load_meta, pick_device
-from model import SAMPLERS, DiT, DiTConfig, diffusion_loss, get_noise_schedule
+from data import load_meta
+from model import SAMPLERS, DiT, DiTConfig, diffusion_loss, get_noise_schedule, solve
+from runtime import autocast_context, compile_model, fail, gpu_peak_flops, pick_device
 from sample import sampler_settings
 
 # -----------------------------------------------------------------------------
@@ -42,9 +43,9 @@ sampler = "ddim"  # 'ddim' or 'dpm++2m'
 sample_steps = 20
 sample_cfg_scale = 1.5
 device = "auto"  # 'auto' (a GPU if there is one, else the CPU), or e.g. 'cuda:1', 'cpu'
-dtype = "auto"  # autocast dtype: 'bfloat16' or 'float32' ('auto': bfloat16 on a GPU)
+dtype = "auto"  # autocast dtype: 'bfloat16' or 'float32' ('auto': bfloat16 where the hardware computes it natively)
 compile = True
-peak_flops = 0.0  # the device's peak FLOP/s for MFU (0: look the GPU up in model.GPU_PEAK_FLOPS)
+peak_flops = 0.0  # the device's peak FLOP/s for MFU (0: look the GPU up in runtime.GPU_PEAK_FLOPS)
 seed = 1337
 # -----------------------------------------------------------------------------
 _config_files_may_set_other_keys = True  # train configs carry keys that only train.py uses
@@ -63,7 +64,7 @@ if not shape:
     fail(f"no {data_path}/meta.json to read the input shape from; pass --input_shape=C,H,W")
 if len(shape) != 3 or shape[1] != shape[2]:
     fail(f"input_shape must be C,H,W with H == W, got {shape}")
-device, dtype = pick_device(device, dtype)
+device, dtype, _ = pick_device(device, dtype)
 try:
     sampler_settings(sampler, sample_steps, sample_cfg_scale)
     autocast = autocast_context(device, dtype)
@@ -127,9 +128,11 @@ if bench_sampling:
     x_T = torch.randn(sample_batch_size, *shape, device=device)
     y = torch.randint(0, num_classes, (sample_batch_size,), device=device)
 
+    times, second_order = SAMPLERS[sampler]
+
     def sample():
-        with autocast:
-            SAMPLERS[sampler](net, schedule, x_T, y, steps=sample_steps, cfg_scale=sample_cfg_scale)
+        with autocast, torch.no_grad():
+            solve(net, schedule, x_T, y, times(schedule, sample_steps), sample_cfg_scale, second_order=second_order)
 
     timed(sample, 1)  # warm-up (and compilation of the eval graph)
     passes = 2 if sample_cfg_scale != 1.0 else 1  # cond + uncond in one batch

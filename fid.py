@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import torch.distributed as dist
-from data import (DataError, autocast_context, compile_model, end_processes, first_failure, mlflow_tracking, one_line,
-                  pick_device, progress, rank_and_world, real_images, start_processes, warn)
-from sample import find_checkpoint, load_checkpoint, load_decoder, sample_images, sampler_settings
+from checkpoint import find_checkpoint, load_checkpoint
+from data import IMAGE_EXTENSIONS, image_files, load_cifar10, load_meta, load_split, read_images
+from runtime import (DataError, autocast_context, compile_model, end_processes, first_problem, mlflow_tracking, one_line,
+                     pick_device, progress, rank_and_world, save_file, start_processes, warn)
+from sample import load_decoder, sample_images, sampler_settings
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -160,9 +162,9 @@ def pooled_statistics(local_sums, device="cpu"):
     try:
         (n, total, outer), problem = local_sums(), None
     except DataError as e:
-        (n, total, outer), problem = (0, 0.0, 0.0), e
-    if (failed := first_failure(problem is None, device)) is not None:
-        raise problem if failed == rank_and_world()[0] else DataError("")
+        (n, total, outer), problem = (0, 0.0, 0.0), str(e)
+    if (problem := first_problem(problem, device)) is not None:
+        raise DataError(problem)
     total = torch.zeros(2048, dtype=torch.float64) + total  # (a 0.0 where this process had no images)
     outer = torch.zeros(2048, 2048, dtype=torch.float64) + outer
     if dist.is_initialized():
@@ -186,9 +188,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def save_stats(path, mu, sigma, count, source, signature=""):
+    """Statistics as an .npz, whole or not at all (runtime.save_file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(f"{path}.tmp.npz", mu=mu, sigma=sigma, count=count, source=source, signature=signature)
-    os.replace(f"{path}.tmp.npz", path)  # never a half-written file under the final name
+    save_file(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, count=count, source=source, signature=signature))
 
 
 def load_stats(path):
@@ -217,8 +219,25 @@ def images_statistics(read, net, what):
     return pooled_statistics(local_sums, next(net.parameters()).device)
 
 
+def real_images(name, data_dir="data"):
+    """(files, description, read) of the images named: 'cifar10' (its 50,000 train images, from
+    the torchvision download prepare_cifar.py shares), a prepared pixel dataset (its train
+    split) or a folder of images; read() returns them as uint8 (N, 3, H, W)."""
+    if name == "cifar10":
+        return [], "CIFAR-10 train", lambda: load_cifar10(os.path.join(data_dir, "downloads"), "train")[0]
+    if os.path.exists(os.path.join(name, "meta.json")):
+        if load_meta(name)["kind"] != "pixels":
+            raise DataError(f"{name} holds VAE latents, not images; pass its image source instead")
+        return [os.path.join(name, "train.pt")], f"{name} (train split)", lambda: load_split(name, "train")[0]
+    files = image_files(name)
+    if not files:
+        raise DataError(f"{name} holds no images ({', '.join(IMAGE_EXTENSIONS)})" if os.path.isdir(name) else
+                        f"{name} is not 'cifar10', a statistics .npz, a prepared dataset or a folder of images")
+    return files, name, lambda: read_images(files)
+
+
 def reference_statistics(ref, net, stats_dir="fid_stats", data_dir="data"):
-    """(mu, sigma) of the real images named by ref (see data.real_images), or of a statistics .npz. Computed once
+    """(mu, sigma) of the real images named by ref (see real_images), or of a statistics .npz. Computed once
     (under torchrun by all processes together) and cached in stats_dir under a signature of the files and of the
     Inception weights, so that other files or other weights are never scored against stale statistics."""
     if ref.endswith(".npz"):
@@ -232,14 +251,17 @@ def reference_statistics(ref, net, stats_dir="fid_stats", data_dir="data"):
     cache = os.path.join(stats_dir, f"{name}.npz")
     cached = os.path.exists(cache) and (stats := load_stats(cache))["signature"] == signature
     master, t0 = rank_and_world()[0] == 0, time.time()
-    if first_failure(cached, next(net.parameters()).device) is None:  # every process has it
+    if first_problem(None if cached else "not cached", next(net.parameters()).device) is None:  # every process has it
         if master:
             print(f"reference statistics: {cache} ({stats['count']} images of {stats['source']})")
         return stats["mu"], stats["sigma"]
     mu, sigma, count = images_statistics(read, net, f"reference {source}")
     if master:
-        save_stats(cache, mu, sigma, count, source, signature)
-        print(f"reference statistics: {count} images of {source} in {time.time() - t0:.0f} s, cached in {cache}")
+        try:
+            save_stats(cache, mu, sigma, count, source, signature)
+            print(f"reference statistics: {count} images of {source} in {time.time() - t0:.0f} s, cached in {cache}")
+        except DataError as e:  # the statistics are here all the same: go on without the cache
+            warn(f"{e}; the reference statistics of {source} are not cached")
     return mu, sigma
 
 
@@ -258,7 +280,8 @@ def score(model, schedule, meta, net, ref_stats, num_samples, vae=None, seed=0, 
         with progress(hi - lo, "samples") as bar:
             for start in range(lo, hi, chunk):
                 part = labels[start : min(start + chunk, hi)]
-                images = sample_images(model, schedule, meta, part, vae, seed, batch_size, autocast, start, **sampling)
+                images = sample_images(model, schedule, meta, part, vae, seed, batch_size, autocast,
+                                       range(start, start + len(part)), **sampling)
                 sums = feature_sums(net, images, sums)
                 bar.update(len(images))
         return sums
@@ -303,7 +326,7 @@ compile = False  # torch.compile the diffusion model
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-    device, dtype = pick_device(device, dtype)
+    device, dtype, why = pick_device(device, dtype)
     device, rank, _ = start_processes(device)  # under torchrun each process scores its share, rank 0 reports
     problem = None
     try:  # what the user gave, checked in every process before any work; then all go on, or all stop
@@ -326,14 +349,16 @@ if __name__ == "__main__":
         net = load_inception(inception_weights, device)
     except (DataError, ValueError) as e:
         problem = str(e)
-    if (failed := first_failure(problem is None, device)) is not None:
-        end_processes(1, problem if failed == rank else "")  # the message from one process
+    if (problem := first_problem(problem, device)) is not None:
+        end_processes(1, problem)  # every process, with the message of one
     try:
         ref_stats = reference_statistics(ref, net, stats_dir, data_dir)
         if images:
             mu, sigma, count = images_statistics(lambda: fake, net, source)
             fid, source = frechet_distance(mu, sigma, *ref_stats) if rank == 0 else None, f"images of {source}"
         elif num_samples:
+            if rank == 0:
+                print(f"sampling on {device} in {why}")
             net_g = compile_model(model, device) if compile else model
             fid, (mu, sigma) = score(net_g, schedule, meta, net, ref_stats, num_samples, decoder, seed, batch_size,
                                      autocast, **sampling)
@@ -343,9 +368,12 @@ if __name__ == "__main__":
     except DataError as e:  # raised alike in every process (pooled_statistics); the message in one
         end_processes(1, str(e))
     if rank == 0:
-        if stats_out:
-            save_stats(stats_out, mu, sigma, count, source)
         print(f"FID {fid:.3f} ({count} {source} vs {ref})")
+        try:
+            if stats_out:
+                save_stats(stats_out, mu, sigma, count, source)
+        except DataError as e:
+            problem = str(e)
         if not images and mlflow_log and checkpoint.get("mlflow_run_id"):
             name, run_id, step = fid_metric_name(num_samples), checkpoint["mlflow_run_id"], checkpoint["iter_num"]
             try:
@@ -354,4 +382,4 @@ if __name__ == "__main__":
                 print(f"logged {name} = {fid:.3f} at iter {step} to MLflow run {run_id}")
             except Exception as e:
                 warn(f"could not log the FID to MLflow ({one_line(e)})")
-    end_processes(0)
+    end_processes(0 if first_problem(problem, device) is None else 1, problem)

@@ -103,9 +103,6 @@ def get_noise_schedule(name, input_scale=1.0, **params):
 # 2. The network that undoes the noise: a DiT with adaLN-single, a class token, long skips, SwiGLU and RoPE
 
 
-LAYOUT = 2  # the network's parameter layout, saved in checkpoints: 2 since the long skips, SwiGLU and RoPE
-
-
 @dataclass
 class DiTConfig:
     input_size: int = 32  # height = width of the model's input (pixels, or latents)
@@ -456,10 +453,11 @@ def ddim_step(x, x0, now, next, eta=0.0, noise=None):
 
 
 def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second_order=False, eta=0.0, noise=None,
-          return_trajectory=False):
+          trajectory=False):
     """Walk from x_T at ts[0] = 1 down the float64 times ts to ts[-1] = 0: DDIM steps, or with second_order those of
-    DPM-Solver++(2M). Returns x0 (divided by b), and with return_trajectory also a dict of lists, all divided by b:
-    'x_t' (x_T ... x_0, the points visited) and 'x0_pred' (the network's guess at each of them but the last)."""
+    DPM-Solver++(2M). Returns x0 (divided by b); with trajectory, (x0, the path), the path holding two lists, divided
+    by b too: 'x_t' (x_T ... x_0, the points visited) and 'x0_pred' (the network's guess at each of them but the last).
+    eta > 0 (DDIM only) adds fresh noise from noise() (default torch.randn_like)."""
     if len(ts) < 2:
         raise ValueError(f"steps must be at least 1, got {len(ts) - 1}")
     b = noise_schedule.input_scale
@@ -469,7 +467,7 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second
     levels = list(zip(alphas.tolist(), sigmas.tolist()))
     noise = noise or (lambda: torch.randn_like(x_T))
     x, x0_prev = x_T.float(), None
-    trajectory = {"x_t": [x / b], "x0_pred": []}
+    path = {"x_t": [x / b], "x0_pred": []} if trajectory else None
     for i in range(len(ts) - 1):
         x0 = predict_x0(model, x, ts[i].item(), y, *levels[i], cfg_scale, None if clip_x0 is None else clip_x0 * b)
         x0_step = x0
@@ -480,9 +478,15 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second
             r = (lambdas[i] - lambdas[i - 1]) / (lambdas[i + 1] - lambdas[i])
             x0_step = x0 + (x0 - x0_prev) / (2 * r)
         x, x0_prev = ddim_step(x, x0_step, levels[i], levels[i + 1], eta, noise), x0
-        trajectory["x_t"].append(x / b)
-        trajectory["x0_pred"].append(x0 / b)
-    return (x / b, trajectory) if return_trajectory else x / b
+        if path:
+            path["x_t"].append(x / b)
+            path["x0_pred"].append(x0 / b)
+    return (x / b, path) if trajectory else x / b
+
+
+def uniform_times(noise_schedule, steps):
+    """steps + 1 times from t = 1 down to t = 0, evenly spaced in t (DDIM's grid)."""
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
 
 def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
@@ -505,28 +509,10 @@ def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
     return ts
 
 
-@torch.no_grad()
-def ddim_sample(model, noise_schedule, x_T, y, steps=50, cfg_scale=1.0, eta=0.0, noise=None, clip_x0=None,
-                return_trajectory=False):
-    """DDIM (Song et al. 2020) from x_T (B, C, H, W), standard normal, to t = 0 in `steps` network evaluations evenly
-    spaced in t, for class ids y (B,) (num_classes = unconditional). eta = 0 is deterministic; eta > 0 adds fresh
-    noise from noise() (default torch.randn_like). clip_x0: see predict_x0 (1.0 for pixels in [-1, 1]).
-    Returns the samples, and with return_trajectory (samples, trajectory): see solve()."""
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return solve(model, noise_schedule, x_T, y, ts, cfg_scale=cfg_scale, clip_x0=clip_x0, eta=eta, noise=noise,
-                 return_trajectory=return_trajectory)
-
-
-@torch.no_grad()
-def dpm_solver_sample(model, noise_schedule, x_T, y, steps=20, cfg_scale=1.0, clip_x0=None, return_trajectory=False):
-    """DPM-Solver++(2M) (Lu et al. 2022): DDIM's move with a second-order guess of x0, over logsnr_times.
-    Deterministic; otherwise the arguments and the result are ddim_sample's."""
-    ts = logsnr_times(noise_schedule, steps)
-    return solve(model, noise_schedule, x_T, y, ts, cfg_scale=cfg_scale, clip_x0=clip_x0, second_order=True,
-                 return_trajectory=return_trajectory)
-
-
-SAMPLERS = {"ddim": ddim_sample, "dpm++2m": dpm_solver_sample}
+# Each sampler is solve() on a time grid, first or second order: DDIM (Song et al. 2020) steps evenly in t, and its
+# eta > 0 adds noise (eta = 1 is DDPM-like); DPM-Solver++(2M) (Lu et al. 2022) steps evenly in log-SNR with a
+# second-order guess of x0, nearer the ODE's solution in fewer steps (README, Samplers), and is deterministic.
+SAMPLERS = {"ddim": (uniform_times, False), "dpm++2m": (logsnr_times, True)}
 
 
 def noise_streams(indices, seed):
@@ -541,16 +527,28 @@ def draw(streams, shape):
 
 
 @torch.no_grad()
-def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, first_index=0, sampler="ddim", **kwargs):
-    """Samples (model space, on the CPU) of the images first_index, first_index + 1, ... with these labels, in
-    batches; each image's noise comes from its own noise_streams generator. kwargs go to the sampler, 'ddim' or
-    'dpm++2m': steps, cfg_scale, clip_x0, and DDIM's eta."""
-    device = next(unwrap_model(model).parameters()).device
-    samples = []
+def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, indices=None, sampler="ddim", steps=20,
+             cfg_scale=1.0, clip_x0=None, eta=0.0, trajectory=False, bar=None):
+    """Samples (model space, on the CPU) of the images numbered indices (default 0, 1, ...) with these class ids
+    (num_classes = unconditional), in batches; each image's noise comes from its own noise_streams generator, so an
+    image is the same whatever else is made with it. sampler is a name in SAMPLERS; clip_x0: see predict_x0 (1.0 for
+    pixels in [-1, 1]). With trajectory, (samples, path): solve()'s path, each entry (N, C, H, W). bar, a progress bar,
+    moves on after each batch."""
+    times, second_order = SAMPLERS[sampler]
+    ts, device = times(noise_schedule, steps), next(unwrap_model(model).parameters()).device
+    indices = list(range(len(labels)) if indices is None else indices)
+    batches = []
     for i in range(0, len(labels), batch_size):
         y = labels[i : i + batch_size].to(device)
-        streams = noise_streams(range(first_index + i, first_index + i + len(y)), seed)
+        streams = noise_streams(indices[i : i + batch_size], seed)
         x_T = draw(streams, shape).to(device)
-        extra = {"noise": lambda: draw(streams, shape).to(device)} if kwargs.get("eta") else {}
-        samples.append(SAMPLERS[sampler](model, noise_schedule, x_T, y, **kwargs, **extra).cpu())
-    return torch.cat(samples)
+        batches.append(solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, second_order, eta,
+                             noise=lambda: draw(streams, shape).to(device), trajectory=trajectory))
+        if bar is not None:
+            bar.update(len(y))
+    if not trajectory:
+        return torch.cat(batches).cpu()
+    samples = torch.cat([x for x, _ in batches]).cpu()
+    # each entry of the path: that step's frames of every batch, in order
+    path = {k: [torch.cat(step).cpu() for step in zip(*[p[k] for _, p in batches])] for k in ("x_t", "x0_pred")}
+    return samples, path

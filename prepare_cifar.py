@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from data import (IMAGE_EXTENSIONS, DataError, encode, fail, load_cifar10, load_vae, pick_device, progress, read_images,
-                  resize_crop, to_model_space, vae_scaling, write_atomically)
+from data import IMAGE_EXTENSIONS, encode, load_cifar10, load_vae, read_images, resize_crop, to_model_space, vae_scaling
+from runtime import DataError, fail, pick_device, progress, save_torch, write_folder
 
 # -----------------------------------------------------------------------------
 # default config values
@@ -152,13 +152,16 @@ meta["dtype"] = str(tensors["train"]["x"].dtype).replace("torch.", "")
 
 def write(tmp_dir):
     for split, blob in tensors.items():
-        torch.save(blob, os.path.join(tmp_dir, f"{split}.pt"))
+        save_torch(blob, os.path.join(tmp_dir, f"{split}.pt"))
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
 
 
 final_dir = os.path.join(data_dir, name)
-write_atomically(final_dir, write)
+try:
+    write_folder(final_dir, write)
+except DataError as e:
+    fail(str(e))
 size = sum(os.path.getsize(os.path.join(final_dir, f)) for f in os.listdir(final_dir))
 print(f"wrote {final_dir} in {time.time() - t_start:.1f} s, {size / 2**20:.1f} MiB:")
 for split, blob in tensors.items():

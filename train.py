@@ -24,11 +24,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
-from data import (DataError, autocast_context, compile_model, end_processes, fail, first_failure, get_batch,
-                  gpu_peak_flops, load_meta, load_split, load_vae, mlflow_tracking, one_line, pick_device, save_png,
-                  start_processes, to_model_space, warn)
-from model import LAYOUT, DiT, DiTConfig, check_objective, diffusion_loss, get_noise_schedule
-from sample import labelled_rows, read_checkpoint, sample_images, sampler_settings
+from checkpoint import check_resumable, read_checkpoint, write_checkpoint
+from data import get_batch, load_meta, load_split, load_vae, to_model_space
+from model import DiT, DiTConfig, check_objective, diffusion_loss, get_noise_schedule
+from runtime import (DataError, MLflowLog, autocast_context, compile_model, end_processes, fail, first_problem,
+                     gpu_peak_flops, pick_device, save_file, start_processes, warn)
+from sample import labelled_rows, sample_images, sampler_settings, save_png
 
 # -----------------------------------------------------------------------------
 # default config values: together they are the full config (python train.py --help lists them)
@@ -103,56 +104,65 @@ config = {k: globals()[k] for k in config_keys}  # everything above, as finally 
 # -----------------------------------------------------------------------------
 
 # --- processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for DDP ---------------------
-device_given, (device, dtype) = device != "auto", pick_device(device, dtype)
+device_given, (device, dtype, why) = device != "auto", pick_device(device, dtype)
 device, rank, world_size = start_processes(device)
 ddp, master = dist.is_initialized(), rank == 0  # only rank 0 logs, samples and writes
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-
-# --- settings, data and checkpoint, all checked before anything is written ----------------
-if batch_size % (world_size * gradient_accumulation_steps):
-    fail(f"batch_size {batch_size} is not divisible by {world_size} processes x {gradient_accumulation_steps} "
-         "accumulation steps; change --batch_size or --gradient_accumulation_steps")
-micro_batch = batch_size // (world_size * gradient_accumulation_steps)  # per process, per micro-step
-for key, allowed in [("init_from", ("scratch", "resume")), ("lr_decay", ("cosine", "constant"))]:
-    if globals()[key] not in allowed:
-        fail(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
-if fid_interval % eval_interval:
-    fail(f"fid_interval {fid_interval} is not a multiple of eval_interval {eval_interval} (FID runs at evaluations)")
 data_path, ckpt_path = os.path.join(data_dir, dataset), os.path.join(out_dir, "ckpt.pt")
-checkpoint = None
+
+
+def hours_on_this_cpu(model_config):
+    """How long max_iters would take here: one training step of two images, timed after one untimed, scaled to all
+    the images of the run (a CPU's time grows with the batch)."""
+    probe, x = DiT(model_config), torch.randn(2, *meta["shape"])
+    for repeat in range(2):
+        t0 = time.time()
+        with autocast:
+            diffusion_loss(probe, schedule, x, torch.zeros(2, dtype=torch.long)).backward()
+    return (time.time() - t0) / 2 * batch_size * max_iters / 3600
+
+
+# --- the settings, the data's shape and the checkpoint: all checked before anything is read in full or written ------
 try:
-    autocast = autocast_context(device, dtype)  # first: a bad dtype is said before the data loads
-    meta = load_meta(data_path)
-    x_train, y_train = load_split(data_path, "train")
-    x_val, y_val = load_split(data_path, "test") if "test" in meta["splits"] else (x_train, y_train)
+    if batch_size % (world_size * gradient_accumulation_steps):
+        raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} processes x "
+                         f"{gradient_accumulation_steps} accumulation steps; change --batch_size or "
+                         "--gradient_accumulation_steps")
+    for key, allowed in [("init_from", ("scratch", "resume")), ("lr_decay", ("cosine", "constant")),
+                         ("optimizer", ("adamw", "muon"))]:
+        if globals()[key] not in allowed:
+            raise ValueError(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
+    if fid_interval % eval_interval:
+        raise ValueError(f"fid_interval {fid_interval} is not a multiple of eval_interval {eval_interval} (FID runs "
+                         "at evaluations)")
+    autocast = autocast_context(device, dtype)
     params = dict(start=schedule_start, end=schedule_end, tau=schedule_tau, clip_min=schedule_clip_min)
     schedule = get_noise_schedule(noise_schedule, input_scale, **{k: v for k, v in params.items() if v is not None})
     check_objective(schedule, prediction)
     sampling = sampler_settings(sampler, sample_steps, sample_cfg_scale)
-    if init_from == "resume":  # weights_only: a booby-trapped file is refused unread
-        checkpoint = read_checkpoint(ckpt_path, "--init_from=resume needs one: train from scratch first, or point "
-                                                "--out_dir at a run")
-    elif os.path.exists(ckpt_path):
-        raise DataError(f"{ckpt_path} already exists; continue it with --init_from=resume, or pick another --out_dir")
+    meta = load_meta(data_path)
     model_config = DiTConfig(input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size,
                              n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_ratio=mlp_ratio,
                              num_classes=meta["num_classes"], dropout=dropout, prediction=prediction)
-    if checkpoint:  # resuming must keep what the network computes and what its output means (README, Resume)
-        saved = checkpoint["noise_schedule"]
-        saved = (DiTConfig(**checkpoint["model_config"]), get_noise_schedule(saved["name"], saved["input_scale"],
-                                                                            **saved["params"]), checkpoint["meta"],
-                 checkpoint["config"]["optimizer"])
-        ours, theirs = (dict(asdict(c), noise_schedule=s.name, **{f"schedule_{k}": v for k, v in s.params.items()},
-                             input_scale=s.input_scale, data=m["kind"], classes=m["classes"], vae=m.get("vae"),
-                             optimizer=o)
-                        for c, s, m, o in [(model_config, schedule, meta, optimizer), saved])
-        if different := [f"{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]:
-            raise ValueError(f"{ckpt_path} holds a different model ({', '.join(different)}); resume with its settings, "
-                             "or train anew with another --out_dir")
+    checkpoint = None
+    if init_from == "resume":  # weights_only: a booby-trapped file is refused unread
+        checkpoint = read_checkpoint(ckpt_path, "--init_from=resume needs one: train from scratch first, or point "
+                                                "--out_dir at a run")
+        check_resumable(checkpoint, ckpt_path, model_config, schedule, meta, optimizer)
+    elif os.path.exists(ckpt_path):
+        raise DataError(f"{ckpt_path} already exists; continue it with --init_from=resume, or pick another --out_dir")
+    if device_type == "cpu" and not device_given and (hours := hours_on_this_cpu(model_config)) > 12:
+        name = next((a for a in sys.argv[1:] if a.endswith(".py")), "this config")
+        raise ValueError(f"{name} is sized for a GPU: {max_iters:,} iterations would take about {hours / 24:.1f} days "
+                         "on this CPU; use config/train_cifar_cpu.py (30 minutes) or config/train_debug.py (a minute), "
+                         "or pass --device=cpu to train here anyway")
+    x_train, y_train = load_split(data_path, "train")
+    x_val, y_val = load_split(data_path, "test") if "test" in meta["splits"] else (x_train, y_train)
 except (DataError, ValueError) as e:
     fail(str(e))
+micro_batch = batch_size // (world_size * gradient_accumulation_steps)  # per process, per micro-step
 
-# --- set-up: the data on the device; the model, its EMA copy and the optimizer --------------
+# --- set-up: the data on the device; the model, its EMA copy and the optimizers ---------------
 torch.manual_seed(seed)  # the same initial weights on every process
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 matmuls outside autocast
@@ -163,6 +173,8 @@ if meta["kind"] == "latents":  # normalise once; pixels stay uint8 (4x smaller) 
 
 
 def get_lr(it, decay_end):
+    """Linear warm-up from 0 over warmup_iters, then a half cosine from learning_rate down to min_lr at decay_end (or
+    learning_rate throughout, with lr_decay='constant')."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if lr_decay == "constant":
@@ -172,23 +184,8 @@ def get_lr(it, decay_end):
 
 
 model = DiT(model_config).to(device)
-if device_type == "cpu" and not device_given:  # a config sized for a GPU, on a machine without one: say so first
-    probe, (x, y) = copy.deepcopy(model), get_batch(x_train, y_train, 2, meta, flip)
-    for repeat in range(2):  # the second is timed
-        t0 = time.time()
-        with autocast:
-            diffusion_loss(probe, schedule, x, y).backward()
-    hours = (time.time() - t0) / 2 * batch_size * max_iters / 3600
-    if hours > 2:
-        name = next((a for a in sys.argv[1:] if a.endswith(".py")), "this config")
-        fail(f"{name} is sized for a GPU: {max_iters:,} iterations would take about {hours / 24:.1f} days on this CPU; "
-             "use config/train_cifar_cpu.py (30 minutes) or config/train_debug.py (a minute), or pass --device=cpu to "
-             "train here anyway")
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use the EMA
-try:
-    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
-except ValueError as e:  # an unknown optimizer, or Muon on a torch without it
-    fail(str(e))
+optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
 iter_num, best_val_loss, evals_without_improvement, mlflow_run_id, saved_iter = 0, float("inf"), 0, None, None
 if checkpoint is not None:
     states = (checkpoint["model"], checkpoint["ema"], *checkpoint["optimizer"])  # the optimizers: one state each
@@ -225,7 +222,7 @@ if compile:
     print("compiling the model...")
     model = compile_model(model, device)
 eval_model = model  # rank 0 evaluates alone, so never through DDP (its forward talks to all ranks)
-if ddp:  # broadcast_buffers=False: the only buffer, pos_embed, is a constant
+if ddp:  # broadcast_buffers=False: the only buffers, the position tables, are constants
     model = DDP(model, device_ids=[device] if device_type == "cuda" else None, broadcast_buffers=False)
 
 # --- helpers: the VAE for latent sample grids and FID, Inception for FID (every process samples its share), MLflow ----
@@ -243,42 +240,26 @@ if fid_interval:
         fid_net = fid.load_inception(inception_weights, device) if can_decode else None
     except DataError as e:
         problem = str(e)
-    if (failed := first_failure(problem is None, device)) is None:  # every process can, or none tries
+    if (problem := first_problem(problem, device)) is None:  # every process can, or none tries
         try:
             ref = fid_ref or (data_path if meta["kind"] == "pixels" else "cifar10")
             fid_ref_stats = fid.reference_statistics(ref, fid_net, data_dir=data_dir)
-        except DataError as e:
-            fid_net, problem, failed = None, str(e), rank
-    else:
+        except DataError as e:  # raised in every process
+            problem = str(e)
+    if problem is not None:
         fid_net = None
-    if problem and failed == rank:
-        warn(f"no FID during training: {problem}")
-mlflow = None  # the mlflow module while logging works
-
-
-def log_mlflow(method, *args, **kwargs):
-    """mlflow.<method>(...); a failure warns once and turns logging off: it never stops training."""
-    global mlflow
-    try:
-        return getattr(mlflow, method)(*args, **kwargs) if mlflow else None
-    except Exception as e:
-        warn(f"MLflow logging is off from here on: {one_line(e, 300)}")
-        mlflow = None
-
-
-if master and mlflow_log:
-    try:
-        mlflow, uri = mlflow_tracking(mlflow_tracking_uri)
-    except Exception as e:  # no mlflow installed, a bad URI
-        warn(f"no MLflow logging: {one_line(e)} (pip install mlflow, or --mlflow_log=False)")
-    if mlflow_run_id is None:
-        log_mlflow("set_experiment", mlflow_experiment)
-    run = log_mlflow("start_run", run_id=mlflow_run_id, run_name=mlflow_run_name or None,
-                     log_system_metrics=importlib.util.find_spec("psutil") is not None)
-    if run:
-        mlflow_run_id = run.info.run_id
-        log_mlflow("log_params", {k: str(v)[:500] for k, v in config.items() if k not in run.data.params})  # resumed
-        print(f"MLflow: run {mlflow_run_id} at {uri} (see it with: mlflow ui --backend-store-uri {uri})")
+        if problem:
+            warn(f"no FID during training: {problem}")
+log_mlflow = MLflowLog(master and mlflow_log, mlflow_tracking_uri)
+if mlflow_run_id is None:
+    log_mlflow("set_experiment", mlflow_experiment)
+run = log_mlflow("start_run", run_id=mlflow_run_id, run_name=mlflow_run_name or None,
+                 log_system_metrics=importlib.util.find_spec("psutil") is not None)
+if run:
+    mlflow_run_id = run.info.run_id
+    log_mlflow("log_params", {k: str(v)[:500] for k, v in config.items() if k not in run.data.params})  # resumed
+    print(f"MLflow: run {mlflow_run_id} at {log_mlflow.uri} (see it with: mlflow ui --backend-store-uri "
+          f"{log_mlflow.uri})")
 if master:
     os.makedirs(out_dir, exist_ok=True)
 
@@ -310,13 +291,11 @@ def rng_states_of_all_processes():
 
 
 def save_checkpoint(path, rng_states):
-    optimizer_states = [o.state_dict() for o in optimizers]  # one per optimizer (configure_optimizers)
-    checkpoint = dict(model=raw_model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer_states,
-                      iter_num=iter_num, best_val_loss=best_val_loss, rng=rng_states, mlflow_run_id=mlflow_run_id,
-                      evals_without_improvement=evals_without_improvement, config=config, meta=meta, layout=LAYOUT,
-                      model_config=asdict(model_config), noise_schedule=asdict(schedule))
-    torch.save(checkpoint, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)  # a crash mid-write never leaves a broken checkpoint
+    """The run as it stands (checkpoint.py's format); a DataError that says why if it cannot be written."""
+    write_checkpoint(path, model=raw_model.state_dict(), ema=ema_model.state_dict(),
+                     optimizer=[o.state_dict() for o in optimizers], iter_num=iter_num, best_val_loss=best_val_loss,
+                     rng=rng_states, mlflow_run_id=mlflow_run_id, evals_without_improvement=evals_without_improvement,
+                     config=config, meta=meta, model_config=asdict(model_config), noise_schedule=asdict(schedule))
 
 
 # Preemption: SIGTERM (how SLURM, Kubernetes and spot instances stop a job) and Ctrl-C ask the
@@ -341,9 +320,9 @@ peak = peak_flops or gpu_peak_flops(device)
 if master:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {raw_model.grid_size**2} tokens per image, data {dataset} "
           f"({meta['kind']}, {'x'.join(map(str, meta['shape']))}, {len(x_train)} train images), batch {batch_size} = "
-          f"{world_size} processes x {A} steps x {micro_batch}, {device} {dtype}{', compiled' if compile else ''}")
+          f"{world_size} processes x {A} steps x {micro_batch}, {device} {why}{', compiled' if compile else ''}")
 loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync until a log step
-iters_since_log, t_log, stopping, diverged = 0, time.time(), False, None
+iters_since_log, t_log, stopping, diverged, unwritten = 0, time.time(), False, None, None
 while iter_num < max_iters:
     # 1. the learning rate of this iteration
     lr = get_lr(iter_num, lr_decay_iters or max_iters)
@@ -401,10 +380,14 @@ while iter_num < max_iters:
     # 6. a stop request: save with every process's random state, and leave
     if stopping:
         rng_states = rng_states_of_all_processes()  # every process takes part
-        if master:
-            save_checkpoint(ckpt_path, rng_states)
-            print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal or signal.SIGTERM).name}; saved "
-                  f"{ckpt_path}, continue with --init_from=resume", flush=True)
+        try:
+            if master:
+                save_checkpoint(ckpt_path, rng_states)
+                print(f"stopped at iter {iter_num} by {signal.Signals(stop_signal or signal.SIGTERM).name}; saved "
+                      f"{ckpt_path}, continue with --init_from=resume", flush=True)
+        except DataError as e:
+            unwritten = str(e)
+        unwritten = first_problem(unwritten, device)  # every process learns whether rank 0 could write
         break
 
     # 7. evaluation: validation losses (rank 0's, then known to all), a sample grid, checkpoints, FID, early stopping
@@ -422,21 +405,28 @@ while iter_num < max_iters:
         improved = ema_val_loss < best_val_loss
         best_val_loss = min(best_val_loss, ema_val_loss)
         evals_without_improvement = 0 if improved else evals_without_improvement + 1
-        if master:
-            print(f"iter {iter_num}: val loss {val_loss:.4f}, EMA val loss {ema_val_loss:.4f}")
-            log_mlflow("log_metrics", {"val/loss": val_loss, "val/ema_loss": ema_val_loss}, step=iter_num)
-            if can_decode:
-                labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
-                images = sample_images(ema_model, schedule, meta, labels, vae, seed, max(micro_batch, 64), autocast,
-                                       **sampling)
-                grid = labelled_rows(images, meta["classes"], samples_per_class)  # one row per class, named
-                save_png(grid, os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
-                log_mlflow("log_image", grid, key="samples", step=iter_num)
-            save_checkpoint(ckpt_path, rng_states)
-            if improved:
-                save_checkpoint(os.path.join(out_dir, "best.pt"), rng_states)
-            print(f"saved {ckpt_path}" + (" and best.pt" if improved else ""), flush=True)
-        saved_iter = iter_num
+        try:
+            if master:
+                print(f"iter {iter_num}: val loss {val_loss:.4f}, EMA val loss {ema_val_loss:.4f}")
+                log_mlflow("log_metrics", {"val/loss": val_loss, "val/ema_loss": ema_val_loss}, step=iter_num)
+                saved = [ckpt_path] + ([os.path.join(out_dir, "best.pt")] if improved else [])
+                if can_decode:  # one row per class, named
+                    labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
+                    images = sample_images(ema_model, schedule, meta, labels, vae, seed, max(micro_batch, 64),
+                                           autocast, **sampling)
+                    grid = labelled_rows(images, meta["classes"], samples_per_class)
+                    saved.append(os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
+                    save_file(saved[-1], lambda tmp: save_png(grid, tmp))
+                    log_mlflow("log_image", grid, key="samples", step=iter_num)
+                save_checkpoint(ckpt_path, rng_states)
+                saved_iter = iter_num
+                if improved:
+                    save_checkpoint(saved[1], rng_states)
+                print(f"saved {', '.join(saved)}", flush=True)
+        except DataError as e:
+            unwritten = str(e)
+        if (unwritten := first_problem(unwritten, device)) is not None:  # rank 0 could not write: all stop
+            break
         if fid_net is not None and iter_num % fid_interval == 0:  # every process samples and scores its share
             score, _ = fid.score(ema_model, schedule, meta, fid_net, fid_ref_stats, fid_num_samples, vae, seed=seed,
                                  batch_size=max(micro_batch, 64), autocast=autocast, **sampling)
@@ -449,16 +439,26 @@ while iter_num < max_iters:
             break
         t_log += time.time() - t_eval  # evaluation is not training time
 
-if diverged and master:  # nothing non-finite was saved: say what is kept
-    kept = f"{ckpt_path} (iter {saved_iter}) is the last good checkpoint" if saved_iter else "no checkpoint was written"
-    print(f"error: {diverged} became non-finite by iter {iter_num}; stopped without saving, {kept}; try a lower "
-          "--learning_rate or --grad_clip (or --compile=False, to rule out the compiler)", file=sys.stderr, flush=True)
-if ddp and not (stopping or diverged):  # every process must end with the same weights: a cheap check that DDP did
-    checksum = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in raw_model.parameters()])
+# --- the end: what went wrong, if anything, in one line; and under DDP, the same weights everywhere ------------------
+kept = f"{ckpt_path} (iter {saved_iter}) is the last good checkpoint" if saved_iter else "no checkpoint was written"
+error = None
+if diverged:  # nothing non-finite was saved
+    error = (f"{diverged} became non-finite by iter {iter_num}; stopped without saving, {kept}; try a lower "
+             "--learning_rate or --grad_clip (or --compile=False, to rule out the compiler)")
+elif unwritten is not None:
+    error = f"{unwritten}; stopped at iter {iter_num}, {kept}; free some space, then continue with --init_from=resume"
+elif ddp and not stopping:  # every process must end with the same weights: a cheap check that DDP did
+    names, params = zip(*raw_model.named_parameters())
+    checksum = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in params])
     checksums = [torch.zeros_like(checksum) for _ in range(world_size)]
     dist.all_gather(checksums, checksum)
-    if master:
-        identical = all(torch.equal(checksums[0], c) for c in checksums[1:])
-        print(f"weights identical on all {world_size} processes: {identical}")
-log_mlflow("end_run", status="FAILED" if diverged else "KILLED" if stopping else "FINISHED")  # a no-op off rank 0
-end_processes(1 if diverged else 128 + (stop_signal or signal.SIGTERM) if stopping else 0)  # 128 + N: "by signal N"
+    differ = [name for i, name in enumerate(names) if any(not torch.equal(c[i], checksums[0][i]) for c in checksums)]
+    more = f" and {len(differ) - 2} more" if len(differ) > 2 else ""
+    if differ:
+        error = (f"the weights differ between the {world_size} processes at the end ({', '.join(differ[:2])}{more}): "
+                 f"DDP did not keep them in step, so {ckpt_path} holds rank 0's alone; this is a bug, not a setting: "
+                 "please report it")
+    elif master:
+        print(f"weights identical on all {world_size} processes")
+log_mlflow("end_run", status="FAILED" if error else "KILLED" if stopping else "FINISHED")  # a no-op off rank 0
+end_processes(1 if error else 128 + (stop_signal or signal.SIGTERM) if stopping else 0, error if master else "")

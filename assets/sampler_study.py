@@ -17,8 +17,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ddim_sample, draw, dpm_solver_sample, logsnr_times, noise_streams, solve  # noqa: E402
-from sample import load_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from model import SAMPLERS, draw, logsnr_times, noise_streams, solve, uniform_times  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--ckpt", required=True)
@@ -45,22 +45,24 @@ def distance(a, b):
     return (a - b).square().flatten(1).mean(1).sqrt().mean().item()
 
 
-def grid_sampler(grid):
-    """DPM-Solver++(2M) on another time grid: 'uniform' in t, or uniform in log-SNR over (-L, L)."""
+def sampler(times, second_order):
+    """solve() on the time grid times(schedule, steps), first or second order (model.SAMPLERS holds the named ones)."""
+    @torch.no_grad()
     def sample(model, schedule, x_T, y, steps, **kwargs):
-        ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64) if grid == "uniform" else logsnr_times(schedule, steps, grid)
-        return solve(model, schedule, x_T, y, ts, second_order=True, **kwargs)
-    return torch.no_grad()(sample)
+        return solve(model, schedule, x_T, y, times(schedule, steps), second_order=second_order, **kwargs)
+    return sample
 
 
+ddim_sample, dpm_solver_sample = sampler(*SAMPLERS["ddim"]), sampler(*SAMPLERS["dpm++2m"])
 reference, seconds = run(dpm_solver_sample, steps=args.reference_steps)
 print(f"{args.ckpt}: {args.num} samples, cfg_scale {args.cfg_scale}; reference dpm++2m {args.reference_steps} steps ({seconds:.0f} s)")
 ddim_ref, _ = run(ddim_sample, steps=args.reference_steps)
 print(f"ddim {args.reference_steps} steps to the reference: {distance(ddim_ref, reference):.4f} (how converged both are)")
 samplers = {"ddim": ddim_sample, "dpm++2m": dpm_solver_sample}
 if args.grids:
-    samplers |= {"dpm++2m, t uniform": grid_sampler("uniform")}
-    samplers |= {f"dpm++2m, log-SNR in (-{L}, {L})": grid_sampler((-float(L), float(L))) for L in (3, 4, 6, 8)}
+    samplers |= {"dpm++2m, t uniform": sampler(uniform_times, True)}
+    samplers |= {f"dpm++2m, log-SNR in (-{L}, {L})": sampler(lambda s, n, L=L: logsnr_times(s, n, (-L, L)), True)
+                 for L in (3.0, 4.0, 6.0, 8.0)}
 print("| sampler | " + " | ".join(f"{n} steps" for n in args.steps.split(",")) + " |")
 print("| --- |" + " ---: |" * len(args.steps.split(",")))
 for name, sampler in samplers.items():

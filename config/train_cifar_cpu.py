@@ -29,9 +29,7 @@
 #   python train.py config/train_cifar_cpu.py
 out_dir = "out-cifar-cpu"
 dataset = "cifar10_pixels"
-device = "cpu"
-dtype = "bfloat16"
-compile = True
+compile = True  # the device and dtype are train.py's 'auto': the GPU if there is one, bf16 where it is native
 n_layer, n_head, n_embd = 6, 4, 256
 patch_size = 4
 batch_size = 64

@@ -170,12 +170,13 @@ TINY = [os.path.join(REPO, "config", "train_debug.py"), "--data_dir=data", "--da
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-def start(cwd, *args, torchrun=(), script="train.py", tiny=True):
+def start(cwd, *args, torchrun=(), script="train.py", tiny=True, env=None):
     """A script (under torchrun with its arguments) as a running process whose output (stderr merged in) can be read
-    as it comes. One thread per process under torchrun; a single process gets run_script's."""
+    as it comes, with the variables env added to the environment. One thread per process under torchrun; a single
+    process gets run_script's."""
     import subprocess
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else THREADS)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if torchrun else THREADS, **(env or {}))
     return subprocess.Popen([*(TORCHRUN + list(torchrun) if torchrun else [sys.executable]), os.path.join(REPO, script),
                              *(TINY if tiny else []), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -8,8 +8,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import randomize_, tiny_config
-from model import (DiT, DiTConfig, apply_rope, check_objective, ddim_sample, diffusion_loss, dpm_solver_sample, generate,
-                   get_noise_schedule, guided_prediction, logsnr_times, rope_2d, sample_t, solve)
+import model
+from model import (DiT, DiTConfig, apply_rope, check_objective, diffusion_loss, generate, get_noise_schedule,
+                   guided_prediction, logsnr_times, rope_2d, sample_t, solve)
+
+
+def named_sampler(name):
+    """model.SAMPLERS[name] run on a given x_T, as generate() runs it: solve() on its time grid, at its order."""
+    times, second_order = model.SAMPLERS[name]
+
+    @torch.no_grad()
+    def sample(net, schedule, x_T, y, steps, **kwargs):
+        return solve(net, schedule, x_T, y, times(schedule, steps), second_order=second_order, **kwargs)
+
+    sample.__name__ = name
+    return sample
+
+
+ddim_sample, dpm_solver_sample = named_sampler("ddim"), named_sampler("dpm++2m")
 
 SCHEDULES = [
     ("linear", {}),
@@ -417,7 +433,7 @@ def test_trajectory_and_the_first_evaluation_at_pure_noise():
         x_T = torch.randn(3, 3, 4, 4)
         for sampler in SAMPLERS:
             model.calls.clear()
-            out, path = sampler(model, schedule, x_T, torch.zeros(3, dtype=torch.long), steps=6, return_trajectory=True)
+            out, path = sampler(model, schedule, x_T, torch.zeros(3, dtype=torch.long), steps=6, trajectory=True)
             assert len(path["x_t"]) == 7 and len(path["x0_pred"]) == 6 and len(model.calls) == 6
             assert torch.equal(path["x_t"][0], x_T / 0.5) and torch.equal(path["x_t"][-1], out)
             # at t = 1 exactly (alpha ~3e-5 or 0) the guess of x0 is finite and right: the data's mean
@@ -457,8 +473,22 @@ def test_each_image_has_its_own_noise_whatever_the_batch():
     for kwargs in [dict(sampler="ddim", eta=1.0), dict(sampler="ddim"), dict(sampler="dpm++2m")]:
         runs = [generate(model, schedule, labels, (3, 8, 8), seed=3, batch_size=n, steps=4, cfg_scale=1.5, **kwargs) for n in (5, 2, 1)]
         assert all(torch.allclose(runs[0], r, atol=1e-6) for r in runs[1:]), kwargs
-        tail = generate(model, schedule, labels[3:], (3, 8, 8), seed=3, first_index=3, steps=4, cfg_scale=1.5, **kwargs)
+        tail = generate(model, schedule, labels[3:], (3, 8, 8), seed=3, indices=range(3, 5), steps=4, cfg_scale=1.5, **kwargs)
         assert torch.allclose(tail, runs[0][3:], atol=1e-6)  # a large set can be made in pieces
+
+
+def test_images_of_one_class_differ():
+    """Every image starts from its own noise: samples of one class, from any model (the untrained one included, whose
+    samples are its starting noise), differ pairwise; so do those of different seeds."""
+    schedule, labels = get_noise_schedule("flow"), torch.zeros(6, dtype=torch.long)
+    for model in (DiT(tiny_config(prediction="velocity")), randomize_(DiT(tiny_config(prediction="velocity")), scale=0.05)):
+        for sampler in ("ddim", "dpm++2m"):
+            runs = [generate(model.eval(), schedule, labels, (3, 8, 8), seed=seed, batch_size=4, steps=3, sampler=sampler)
+                    for seed in (0, 1)]
+            for images in (runs[0], torch.cat(runs)):
+                distances = torch.cdist(images.flatten(1), images.flatten(1))  # (N, N), between every pair
+                off_diagonal = distances[~torch.eye(len(images), dtype=torch.bool)]
+                assert off_diagonal.min() > 0.1 * off_diagonal.mean(), (sampler, distances)
 
 
 def test_ddim_clip_x0():
@@ -473,7 +503,7 @@ def test_ddim_clip_x0():
     imperfect = Oracle(x0, schedule, "eps")
     exact_forward = imperfect.forward
     imperfect.forward = lambda x_t, t, y: exact_forward(x_t, t, y) + 1e-3
-    _, trajectory = ddim_sample(imperfect, schedule, x_T, y, steps=20, return_trajectory=True)
+    _, trajectory = ddim_sample(imperfect, schedule, x_T, y, steps=20, trajectory=True)
     assert trajectory["x0_pred"][0].abs().max() > 10
     out = ddim_sample(imperfect, schedule, x_T, y, steps=20, clip_x0=1.0)
     assert (out - x0).abs().max() < 0.05

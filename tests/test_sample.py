@@ -53,6 +53,28 @@ def test_deterministic(tiny_checkpoint, tmp_path):
     assert dpm == run("i", "--seed=7", "--sampler=dpm++2m", "--batch_size=3") and dpm != a and dpm != eta
 
 
+def test_every_image_of_a_set_differs_and_comes_from_the_ema(tiny_checkpoint, tmp_path):
+    """No two images of a set are the same (each has its own noise), and they are the EMA weights' samples: the same
+    images come from model.generate with the checkpoint's EMA weights, not with its raw ones."""
+    from model import DiT, DiTConfig, NoiseSchedule, generate
+
+    proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=all", "--num_per_class=4", "--steps=5", "--seed=5",
+                  "--dtype=float32")
+    assert proc.returncode == 0, proc.stderr
+    names = [f for f in pngs(tmp_path / "samples") if f != "grid.png"]
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(tmp_path / "samples" / f))) for f in names]).permute(0, 3, 1, 2)
+    assert len(names) == 12 and len({image.numpy().tobytes() for image in images}) == 12
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    labels = torch.arange(3).repeat_interleave(4)  # the files sort by class name: cat, dog, frog, as the classes are
+    for weights, same in (("ema", True), ("model", False)):
+        model = DiT(DiTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt[weights])
+        x = generate(model.eval(), NoiseSchedule(**ckpt["noise_schedule"]), labels, (3, 8, 8), seed=5, steps=5, cfg_scale=1.5,
+                     clip_x0=1.0)
+        expected = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        assert torch.equal(images, expected) == same, weights
+
+
 def last_frame(folder, frames, row=0):
     """The last image of a row of trajectory.png, whose rows are 8x8 images with 2-pixel padding after a name margin."""
     trajectory = Image.open(folder / "trajectory.png").convert("RGB")
@@ -122,7 +144,7 @@ def test_a_checkpoint_of_an_older_layout(tiny_checkpoint, tmp_path):
     torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
     before = (tmp_path / "out" / "ckpt.pt").read_bytes()
     assert_clean_failure(run_script("sample.py", "--ckpt=out/ckpt.pt", cwd=tmp_path), "out/ckpt.pt is from an older model "
-                         "layout (before issue 20's long skips, SwiGLU and RoPE)", "git checkout 93c525c")
+                         "layout (without the long skips, SwiGLU and RoPE)", "git checkout 93c525c")
     os.symlink(tiny_checkpoint.parent.parent / "data", tmp_path / "data")
     proc = run_script("train.py", *TINY, "--out_dir=out", "--init_from=resume", cwd=tmp_path)
     assert_clean_failure(proc, "out/ckpt.pt is from an older model layout")

@@ -1,3 +1,4 @@
+import math
 import os
 import re
 import subprocess
@@ -79,13 +80,72 @@ def test_patience_and_a_constant_learning_rate(cwd):
     proc = train(cwd, "--max_iters=40", "--lr_decay=constant", "--learning_rate=2e-3", "--warmup_iters=10", "--out_dir=constant")
     assert proc.returncode == 0, proc.stderr
     assert re.findall(r"lr ([0-9.e+-]+)", proc.stdout)[1:] == ["2.00e-03"] * 3  # after the warmup, constant
+    assert torch.load(cwd / "out-debug" / "best.pt", weights_only=True)["iter_num"] == 10  # later evals never improved
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine(cwd):
+    """The learning rate of every iteration, as logged, against the closed form: linear warm-up from 0 over
+    warmup_iters, then a half cosine from learning_rate down to min_lr at lr_decay_iters, then min_lr."""
+    proc = train(cwd, "--max_iters=30", "--warmup_iters=8", "--lr_decay_iters=24", "--learning_rate=1e-2", "--min_lr=1e-3",
+                 "--log_interval=1", "--eval_interval=30", "--out_dir=lr")
+    assert proc.returncode == 0, proc.stderr
+    logged = [float(lr) for lr in re.findall(r"^iter \d+: loss [0-9.]+, lr ([0-9.e+-]+)", proc.stdout, re.M)]
+
+    def expected(it):  # iteration it (0-based) is logged as iter it + 1
+        if it < 8:
+            return 1e-2 * (it + 1) / 9
+        progress = min(1.0, (it - 8) / (24 - 8))
+        return 1e-3 + 0.5 * (1 + math.cos(math.pi * progress)) * (1e-2 - 1e-3)
+
+    assert len(logged) == 30, proc.stdout
+    for it, lr in enumerate(logged):
+        assert abs(lr - expected(it)) <= 0.006 * expected(it), (it, lr, expected(it))  # printed to 3 digits
+
+
+def test_ema_follows_its_closed_form(cwd):
+    """After iteration n the EMA is d_n * EMA + (1 - d_n) * weights, d_n = min(ema_decay, (1 + n) / (10 + n)): three
+    checkpoints one iteration apart (each run resumes the last exactly) give the weights and the EMA at each. With
+    ema_decay 0.2, iteration 1 decays by the warm-up term 2/11 and iteration 2 by ema_decay itself."""
+    ckpts = []
+    for n in (1, 2, 3):
+        proc = train(cwd, f"--max_iters={n}", "--eval_interval=1", "--ema_decay=0.2", "--lr_decay=constant", "--warmup_iters=0",
+                     "--out_dir=ema", *(["--init_from=resume"] if n > 1 else []))
+        assert proc.returncode == 0, proc.stderr
+        ckpts.append(torch.load(cwd / "ema" / "ckpt.pt", weights_only=True))
+    for n, decay in [(1, 2 / 11), (2, 0.2)]:
+        before, after = ckpts[n - 1], ckpts[n]
+        moved = 0.0
+        for name, ema in after["ema"].items():
+            closed_form = decay * before["ema"][name].double() + (1 - decay) * after["model"][name].double()
+            assert torch.allclose(ema.double(), closed_form, rtol=1e-5, atol=1e-7), (n, name)
+            moved = max(moved, (after["model"][name] - before["ema"][name]).abs().max().item())
+        assert moved > 1e-4  # the weights moved away from the EMA, so the decay's weight is seen
+
+
+def test_the_optimizer_sees_the_clipped_gradient(cwd):
+    """grad_clip: the gradient every optimizer step sees (a global step hook of torch.optim) has norm grad_clip, the
+    raw gradients of this model being far larger; grad_clip=0 leaves them as they are."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    norms = []
+    hook = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: norms.append(torch.linalg.vector_norm(
+        torch.stack([p.grad.norm() for group in optimizer.param_groups for p in group["params"] if p.grad is not None])).item()))
+    try:
+        clipped = train(cwd, "--max_iters=10", "--eval_interval=10", "--grad_clip=0.01", "--out_dir=clipped")
+        clipped_norms, norms[:] = norms[:], []
+        raw = train(cwd, "--max_iters=10", "--eval_interval=10", "--grad_clip=0.0", "--out_dir=raw")
+    finally:
+        hook.remove()
+    assert clipped.returncode == 0 and raw.returncode == 0, clipped.stderr + raw.stderr
+    assert len(clipped_norms) == 10 and all(abs(n - 0.01) < 1e-6 for n in clipped_norms), clipped_norms
+    assert len(norms) == 10 and min(norms) > 0.1, norms  # unclipped: the real norms, all far above 0.01
 
 
 def test_compile_matches_eager():
     """One training step's output and gradients, compiled and eager, in bf16 autocast on the CPU, at 64 tokens (on an
-    AVX-512 Xeon, Inductor's horizontal fusion once made every gradient NaN at this size; data.compile_model)."""
+    AVX-512 Xeon, Inductor's horizontal fusion once made every gradient NaN at this size; runtime.compile_model)."""
     from conftest import tiny_config
-    from data import compile_model
+    from runtime import compile_model
     from model import DiT
 
     model = DiT(tiny_config(input_size=16, n_embd=64, num_classes=3))

@@ -1,0 +1,92 @@
+"""
+The checkpoint format, in one place: what train.py writes (out_dir/ckpt.pt and best.pt), how sample.py, fid.py and a
+resumed train.py read it back, and which settings of a run a resume may not change.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts: the model and EMA weights, one state per
+optimizer, the iteration, the best validation loss, every process's random states, the MLflow run id, the full config,
+the data's meta.json, the model's DiTConfig and the noise schedule, and LAYOUT.
+"""
+
+import glob
+import os
+import re
+from dataclasses import asdict
+
+import torch
+
+from model import DiT, DiTConfig, NoiseSchedule
+from runtime import DataError, one_line, save_file, save_torch
+
+LAYOUT = 2  # the network's parameter layout: 2 since the long skips, SwiGLU and RoPE; older files cannot be built
+
+
+def write_checkpoint(path, **state):
+    """Write state (with LAYOUT) to path through a temporary file: a crash or a full disk mid-write never leaves a
+    broken checkpoint, and the old one stays (runtime.save_file)."""
+    save_file(path, lambda tmp: save_torch(dict(state, layout=LAYOUT), tmp))
+
+
+def read_checkpoint(path, if_missing="train one with train.py, or pass --ckpt=path/to/ckpt.pt"):
+    """The dict in a train.py checkpoint. It holds only tensors, numbers, strings, lists and dicts, so it is read with
+    weights_only=True: a file whose pickle would build any other Python object (which is how a booby-trapped checkpoint
+    runs code) is refused unread."""
+    if not os.path.exists(path):
+        raise DataError(f"no checkpoint {path}; {if_missing}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if missing := {"model", "ema", "model_config", "noise_schedule", "meta"} - set(checkpoint):
+            raise ValueError(f"it has no {', '.join(sorted(missing))}")
+    except Exception as e:
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch names what it refused to build
+        if unsafe:
+            raise DataError(f"{path} would build the Python object {unsafe.group(1)} when loaded, which can run code; "
+                            "nano-diffusion checkpoints never do, so it was not loaded") from e
+        raise DataError(f"{path} is not a nano-diffusion checkpoint written by train.py ({one_line(e)})") from e
+    if checkpoint.get("layout", 1) != LAYOUT:
+        raise DataError(f"{path} is from an older model layout (without the long skips, SwiGLU and RoPE), which this "
+                        "code cannot build; train anew, or read it with the code of that layout: git checkout 93c525c")
+    return checkpoint
+
+
+def find_checkpoint(path="", quiet=False):
+    """path, or if it is '' the newest out*/ckpt.pt in this folder (where train.py's configs put their runs)."""
+    if path:
+        return path
+    found = sorted(glob.glob(os.path.join("out*", "ckpt.pt")), key=os.path.getmtime)
+    if not found:
+        raise DataError("no --ckpt given and no out*/ckpt.pt in this folder; train one with train.py, or pass "
+                        "--ckpt=path/to/ckpt.pt")
+    if not quiet:
+        print(f"checkpoint: {found[-1]} (the newest out*/ckpt.pt here; --ckpt=... picks another)")
+    return found[-1]
+
+
+def load_checkpoint(path, use_ema=True, device="cpu"):
+    """(model in eval mode, noise schedule, data meta, checkpoint dict) from a train.py checkpoint; DataError with a
+    clear message if it is missing or not one of ours."""
+    checkpoint = read_checkpoint(path)
+    try:
+        model = DiT(DiTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["ema" if use_ema else "model"])
+    except Exception as e:
+        raise DataError(f"{path} holds a model this code cannot build ({one_line(e)})") from e
+    return model.to(device).eval(), NoiseSchedule(**checkpoint["noise_schedule"]), checkpoint["meta"], checkpoint
+
+
+def fixed_settings(model_config, schedule, meta, optimizer):
+    """The settings a resumed run must keep, by the names of train.py's keys: what the network computes and what its
+    output means (the model's sizes, the prediction target, the noise schedule, the data), and the optimizer, whose
+    state cannot move to another."""
+    settings = dict(asdict(model_config), noise_schedule=schedule.name, input_scale=schedule.input_scale)
+    settings |= {f"schedule_{k}": v for k, v in schedule.params.items()}
+    return settings | dict(data=meta["kind"], classes=meta["classes"], vae=meta.get("vae"), optimizer=optimizer)
+
+
+def check_resumable(checkpoint, path, model_config, schedule, meta, optimizer):
+    """ValueError naming every fixed setting (fixed_settings) in which this run differs from the checkpoint."""
+    theirs = fixed_settings(DiTConfig(**checkpoint["model_config"]), NoiseSchedule(**checkpoint["noise_schedule"]),
+                            checkpoint["meta"], checkpoint["config"]["optimizer"])
+    ours = fixed_settings(model_config, schedule, meta, optimizer)
+    if different := [f"{k}={theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]:
+        raise ValueError(f"{path} holds a different model ({', '.join(different)}); resume with its settings, or train "
+                         "anew with another --out_dir")
