@@ -1,10 +1,6 @@
 """
-The checkpoint format, in one place: what train.py writes (out_dir/ckpt.pt and best.pt), how sample.py, fid.py and a
-resumed train.py read it back, and which settings of a run a resume may not change.
-
-A checkpoint is a dict of tensors, numbers, strings, lists and dicts: the model and EMA weights, one state per
-optimizer, the iteration, the best validation loss, every process's random states, the MLflow run id, the full config,
-the data's meta.json, the model's DiTConfig and the noise schedule, and LAYOUT.
+The checkpoint format in one place: how train.py writes out_dir/ckpt.pt and best.pt (a dict of tensors, numbers,
+strings, lists and dicts), how sample.py, fid.py and a resumed train.py read them, and what a resume may not change.
 """
 
 import glob

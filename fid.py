@@ -27,10 +27,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import torch.distributed as dist
 from checkpoint import find_checkpoint, load_checkpoint
-from data import IMAGE_EXTENSIONS, image_files, load_cifar10, load_meta, load_split, read_images
+from data import IMAGE_EXTENSIONS, image_files, load_cifar10, load_meta, load_split, load_vae, read_images
 from runtime import (DataError, autocast_context, compile_model, end_processes, first_problem, mlflow_tracking, one_line,
                      pick_device, progress, rank_and_world, save_file, start_processes, warn)
-from sample import load_decoder, sample_images, sampler_settings
+from sample import sample_images, sampler_settings
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
@@ -320,7 +320,7 @@ data_dir = "data"  # where prepare_cifar.py wrote its datasets
 stats_out = ""  # also save the scored set's statistics to this .npz
 mlflow_log = True  # with a checkpoint: log the FID into its MLflow run
 device = "auto"  # 'auto' (a GPU if there is one, else the CPU), or e.g. 'cuda:1', 'cpu'; torchrun: one GPU per process
-dtype = "auto"  # autocast dtype for sampling: 'bfloat16' or 'float32' ('auto': bfloat16 on a GPU)
+dtype = "auto"  # autocast dtype for sampling: 'bfloat16' or 'float32' ('auto': bfloat16 where it is native)
 compile = False  # torch.compile the diffusion model
 # -----------------------------------------------------------------------------
 
@@ -345,7 +345,7 @@ if __name__ == "__main__":
             sampling = sampler_settings(sampler, steps, cfg_scale, eta)
             ckpt = find_checkpoint(ckpt, quiet=rank != 0)
             model, schedule, meta, checkpoint = load_checkpoint(ckpt, use_ema, device)
-            decoder = load_decoder(meta, vae, device)
+            decoder = load_vae(vae or meta["vae"], device) if meta["kind"] == "latents" else None
         net = load_inception(inception_weights, device)
     except (DataError, ValueError) as e:
         problem = str(e)

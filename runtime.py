@@ -1,10 +1,7 @@
 """
-What every script runs on, apart from the model and the data:
-- user errors as one clear line, warnings, progress bars;
-- the device: its choice, the autocast dtype, torch.compile, peak FLOP/s for MFU;
-- the processes under torchrun, and how they fail together;
-- writes that never leave half a file behind, and say why when the disk refuses them;
-- MLflow, which never stops a run.
+What every script runs on besides the model and the data: user errors as one line, progress bars, the device (autocast
+dtype, torch.compile, peak FLOP/s), the processes under torchrun and how they fail together, writes that never leave
+half a file, and MLflow.
 """
 
 import io

@@ -62,16 +62,6 @@ def parse_classes(text, names):
     return ids
 
 
-def load_decoder(meta, vae_name, device):
-    """The VAE for latent checkpoints (None for pixels)."""
-    if meta["kind"] != "latents":
-        return None
-    try:
-        return load_vae(vae_name or meta["vae"], device)
-    except DataError as e:
-        raise DataError(f"{e}; this checkpoint's latents need their VAE: pass --vae=path/to/vae") from e
-
-
 def sampler_settings(sampler, steps, cfg_scale, eta=0.0):
     """The keyword arguments of generate() for these settings; ValueError if they do not fit."""
     if sampler not in SAMPLERS:
@@ -135,7 +125,7 @@ if __name__ == "__main__":
         autocast = autocast_context(device, dtype)
         model, schedule, meta, _ = load_checkpoint(find_checkpoint(ckpt), use_ema, device)
         class_ids = parse_classes(classes, meta["classes"])
-        decoder = load_decoder(meta, vae, device)
+        decoder = load_vae(vae or meta["vae"], device) if meta["kind"] == "latents" else None
     except (DataError, ValueError) as e:
         fail(str(e))
     print(f"sampling on {device} in {why}")

@@ -89,9 +89,9 @@ ema_decay = 0.9999  # EMA of the weights. At iteration n the decay is min(ema_de
 # spans about the last 11% of the iterations, whatever ema_decay says
 # system
 device = "auto"  # 'auto' (a GPU if there is one, else the CPU), or e.g. 'cuda:1', 'cpu'
-dtype = "auto"  # autocast dtype: 'bfloat16' or 'float32' ('auto': bfloat16 on a GPU, float32 elsewhere)
+dtype = "auto"  # autocast dtype: 'bfloat16' or 'float32' ('auto': bfloat16 where the hardware computes it natively)
 compile = False  # torch.compile the model
-peak_flops = 0.0  # one device's peak FLOP/s for MFU (0: look the GPU up in data.GPU_PEAK_FLOPS)
+peak_flops = 0.0  # one device's peak FLOP/s for MFU (0: look the GPU up in runtime.GPU_PEAK_FLOPS)
 seed = 1337
 # MLflow
 mlflow_log = True  # log params, metrics and sample grids to MLflow

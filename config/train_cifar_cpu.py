@@ -11,19 +11,19 @@
 #   batch  64: images/s barely grow with the batch on a CPU (144 at 128 vs 158), so a small batch
 #          buys more optimizer steps. (A run at 128 and lr 5.6e-3 was not scored.)
 #   t      uniform: 175; logit-normal (SD3) 211, with the cosine schedule and v-prediction (on the flow path it
-#          wins: issue 20 below).
+#          wins: round 1 below).
 #   path   the rectified-flow line with the velocity target: after the full 3,300 iterations,
 #          FID-2k 63.9 against 71.4 for the cosine schedule with v-prediction (dpm++2m 20 steps;
 #          with DDIM 20 steps, 60.4 against 64.8; README, Samplers).
-#   issue 20 (README, "What each change buys": one change at a time at equal time, FID-1k): logit-normal t on
+#   round 1 (README, "What each change buys": one change at a time at equal time, FID-1k): logit-normal t on
 #          the flow path 105 -> 98; U-ViT long skips 97; SwiGLU 87; 2-D RoPE 84; Muon 75 (model.py builds the
 #          skips, SwiGLU and RoPE always). Min-SNR weighting, RMSNorm + QK-norm, other EMA warm-ups and guidance
 #          intervals did not help. Muon costs ~20% of the images/s here, so the same time buys 2,400 iterations.
 #   EMA    ema_decay 0.999 has no effect in a run this short: train.py's decay is min(ema_decay,
 #          (1+n)/(10+n)), and the warm-up term stays below 0.999 for the first 8,990 iterations. So
 #          the average spans the last ~11% of the iterations at every checkpoint (EDM2 finds ~10% good).
-#   dtype  bfloat16 autocast: 1.7x faster on this CPU, which has AMX units; on a CPU without
-#          them, pass --dtype=float32 (and expect about half the images/s).
+#   dtype  train.py's 'auto': bfloat16 autocast where the CPU computes it natively, 1.7x faster than float32
+#          on a Xeon with AMX units, 1.3-1.5x on an AMD EPYC with AVX512-BF16; float32 on a CPU with neither.
 #   compile: 2.9x faster for small models on a CPU (fewer, fused kernels), 1-1.2x for this one.
 #   python prepare_cifar.py --vae=none          (or --source=folder, e.g. the JPEG copy in README)
 #   python train.py config/train_cifar_cpu.py
