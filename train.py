@@ -185,7 +185,10 @@ def get_lr(it, decay_end):
 
 model = DiT(model_config).to(device)
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use the EMA
-optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+try:
+    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+except ValueError as e:  # Muon on a torch without it
+    fail(str(e))
 iter_num, best_val_loss, evals_without_improvement, mlflow_run_id, saved_iter = 0, float("inf"), 0, None, None
 if checkpoint is not None:
     states = (checkpoint["model"], checkpoint["ema"], *checkpoint["optimizer"])  # the optimizers: one state each
@@ -409,20 +412,22 @@ while iter_num < max_iters:
             if master:
                 print(f"iter {iter_num}: val loss {val_loss:.4f}, EMA val loss {ema_val_loss:.4f}")
                 log_mlflow("log_metrics", {"val/loss": val_loss, "val/ema_loss": ema_val_loss}, step=iter_num)
-                saved = [ckpt_path] + ([os.path.join(out_dir, "best.pt")] if improved else [])
+                written = []
                 if can_decode:  # one row per class, named
                     labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
                     images = sample_images(ema_model, schedule, meta, labels, vae, seed, max(micro_batch, 64),
                                            autocast, **sampling)
                     grid = labelled_rows(images, meta["classes"], samples_per_class)
-                    saved.append(os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
-                    save_file(saved[-1], lambda tmp: save_png(grid, tmp))
+                    written.append(os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
+                    save_file(written[-1], lambda tmp: save_png(grid, tmp))
                     log_mlflow("log_image", grid, key="samples", step=iter_num)
                 save_checkpoint(ckpt_path, rng_states)
                 saved_iter = iter_num
+                written.append(ckpt_path)
                 if improved:
-                    save_checkpoint(saved[1], rng_states)
-                print(f"saved {', '.join(saved)}", flush=True)
+                    written.append(os.path.join(out_dir, "best.pt"))
+                    save_checkpoint(written[-1], rng_states)
+                print(f"saved {', '.join(written)}", flush=True)
         except DataError as e:
             unwritten = str(e)
         if (unwritten := first_problem(unwritten, device)) is not None:  # rank 0 could not write: all stop
