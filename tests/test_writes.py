@@ -49,13 +49,12 @@ def test_a_dataset_sample_folder_or_statistics_that_cannot_be_written(tiny_check
     assert_clean_failure(proc, "could not write samples (File too large); samples is as it was")
     assert {p.name: p.read_bytes() for p in (tmp_path / "samples").iterdir()} == before and not leftovers(tmp_path)
 
-    fid = ["fid.py", "--images=images", "--ref=images", f"--inception_weights={random_inception_weights}"]
-    assert run_script(*fid, cwd=tmp_path).returncode == 0  # the reference statistics cached
-    with file_size_limit(1_000_000):  # statistics are 32 MB
-        proc = run_script(*fid, "--stats_out=stats.npz", cwd=tmp_path)
-        assert_clean_failure(proc, "could not write stats.npz (File too large)")
-        assert "FID " in proc.stdout and not (tmp_path / "stats.npz").exists() and not leftovers(tmp_path)
-        proc = run_script(*fid, "--stats_dir=elsewhere", cwd=tmp_path)  # a cache that cannot be written: FID all the same
-    assert proc.returncode == 0 and "FID " in proc.stdout, proc.stderr
-    assert proc.stderr.count("warning: could not write elsewhere/images.npz (File too large)") == 1
-    assert not list((tmp_path / "elsewhere").iterdir())
+    fid = ["fid.py", "--images=images", "--ref=images", f"--inception_weights={random_inception_weights}", "--stats_out=stats.npz"]
+    with file_size_limit(1_000_000):  # statistics are 32 MB: neither the reference cache nor --stats_out fits
+        proc = run_script(*fid, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(lines) == 2, proc.stderr
+    assert lines[0].startswith("warning: could not write fid_stats/images.npz (File too large)"), lines  # the FID all the same
+    assert lines[1] == "error: could not write stats.npz (File too large)", lines
+    assert "FID " in proc.stdout and not (tmp_path / "stats.npz").exists() and not leftovers(tmp_path)
+    assert not list((tmp_path / "fid_stats").iterdir())
