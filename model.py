@@ -537,18 +537,20 @@ def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, indic
     times, second_order = SAMPLERS[sampler]
     ts, device = times(noise_schedule, steps), next(unwrap_model(model).parameters()).device
     indices = list(range(len(labels)) if indices is None else indices)
-    batches = []
+    samples, paths = [], []
     for i in range(0, len(labels), batch_size):
         y = labels[i : i + batch_size].to(device)
         streams = noise_streams(indices[i : i + batch_size], seed)
         x_T = draw(streams, shape).to(device)
-        batches.append(solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, second_order, eta,
-                             noise=lambda: draw(streams, shape).to(device), trajectory=trajectory))
+        out = solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, second_order, eta,
+                    noise=lambda: draw(streams, shape).to(device), trajectory=trajectory)
+        x, path = out if trajectory else (out, {})
+        samples.append(x.cpu())  # each batch leaves the device as it is done
+        paths.append({k: [frame.cpu() for frame in frames] for k, frames in path.items()})
         if bar is not None:
             bar.update(len(y))
     if not trajectory:
-        return torch.cat(batches).cpu()
-    samples = torch.cat([x for x, _ in batches]).cpu()
+        return torch.cat(samples)
     # each entry of the path: that step's frames of every batch, in order
-    path = {k: [torch.cat(step).cpu() for step in zip(*[p[k] for _, p in batches])] for k in ("x_t", "x0_pred")}
-    return samples, path
+    path = {k: [torch.cat(step) for step in zip(*[p[k] for p in paths])] for k in ("x_t", "x0_pred")}
+    return torch.cat(samples), path
