@@ -1,7 +1,6 @@
 """
-Measure speed on synthetic data, as nanoGPT's bench.py does: one training step (loss, backward,
-clipping, the optimizer step, EMA) and guided sampling, without data files, evaluation or logging.
-Prints ms per step, images/s, achieved TFLOP/s, MFU and peak memory.
+Speed on synthetic data, as nanoGPT's bench.py: a training step (loss, backward, clipping, the optimizer, EMA) and
+guided sampling, without data files, evaluation or logging: ms per step, images/s, TFLOP/s, MFU and peak memory.
 
     python bench.py                                            # the pixel CIFAR config
     python bench.py config/train_cifar.py --batch_size=256 --compile=True
@@ -11,6 +10,7 @@ Prints ms per step, images/s, achieved TFLOP/s, MFU and peak memory.
 import os
 import sys
 import time
+
 import torch
 
 from data import load_meta
@@ -18,8 +18,7 @@ from model import SAMPLERS, DiT, DiTConfig, diffusion_loss, get_noise_schedule, 
 from runtime import autocast_context, compile_model, fail, gpu_peak_flops, pick_device
 from sample import sampler_settings
 
-# -----------------------------------------------------------------------------
-# default config values (with no config file on the command line, config/train_cifar_pixels.py is read first)
+# --- default config values (without a config file on the command line, config/train_cifar_pixels.py's) ----------------
 batch_size = 256  # training images per step
 n_layer = 12
 n_head = 12
@@ -31,8 +30,8 @@ prediction = "v"
 noise_schedule = "cosine"
 learning_rate = 1e-4
 optimizer = "adamw"  # 'adamw' or 'muon' (model.configure_optimizers)
-dataset = "cifar10_pixels"  # only its shape and class count are used: from data_dir/<dataset>/meta.json if
-data_dir = "data"  # it exists, else the known CIFAR-10 shapes below
+dataset = "cifar10_pixels"  # only its shape and class count: from data_dir/<dataset>/meta.json, else KNOWN_SHAPES
+data_dir = "data"
 input_shape = ()  # (C, H, W): overrides the dataset's shape, e.g. --input_shape=3,64,64
 num_classes = 10
 warmup_steps = 10  # untimed steps first (torch.compile compiles here)
@@ -65,34 +64,29 @@ if not shape:
 if len(shape) != 3 or shape[1] != shape[2]:
     fail(f"input_shape must be C,H,W with H == W, got {shape}")
 device, dtype, _ = pick_device(device, dtype)
-try:
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+torch.manual_seed(seed)
+try:  # the settings, and Muon on a torch without it
     sampler_settings(sampler, sample_steps, sample_cfg_scale)
     autocast = autocast_context(device, dtype)
     config = DiTConfig(input_size=shape[1], in_channels=shape[0], patch_size=patch_size, n_layer=n_layer, n_head=n_head,
                        n_embd=n_embd, mlp_ratio=mlp_ratio, num_classes=num_classes, dropout=dropout,
                        prediction=prediction)
+    model = DiT(config).to(device)
+    optimizers = model.configure_optimizers(0.0, learning_rate, (0.9, 0.999), device_type, optimizer)
 except ValueError as e:
     fail(str(e))
-
-torch.manual_seed(seed)
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 synchronize = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-model = DiT(config).to(device)
 ema_model = DiT(config).to(device).requires_grad_(False).eval()
 net = compile_model(model, device) if compile else model
 schedule = get_noise_schedule(noise_schedule)
-try:
-    optimizers = model.configure_optimizers(0.0, learning_rate, (0.9, 0.999), device_type, optimizer)
-except ValueError as e:  # an unknown optimizer, or Muon on a torch without it
-    fail(str(e))
 peak = peak_flops or gpu_peak_flops(device)
 
-# Synthetic data of the right shape, on the device, drawn by random indices as train.py does
+# synthetic data of the right shape, on the device, drawn by random indices as train.py does
 x_all = torch.randn(4096, *shape, device=device)
 y_all = torch.randint(0, num_classes, (4096,), device=device)
-
 
 def train_step():
     idx = torch.randint(len(x_all), (batch_size,), device=device)
@@ -105,9 +99,8 @@ def train_step():
         o.zero_grad(set_to_none=True)
     torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1e-4)
 
-
 def timed(fn, repeats):
-    """(seconds per call of fn, peak GPU memory of these calls in GiB, or None off the GPU)"""
+    """(seconds per call of fn, peak GPU memory of these calls in GiB or None)"""
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize()
@@ -118,7 +111,6 @@ def timed(fn, repeats):
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
     return (time.perf_counter() - t0) / max(1, repeats), memory
 
-
 print(f"warming up {warmup_steps} training steps{' (compiling)' if compile else ''}...", flush=True)
 timed(train_step, warmup_steps)
 rows = [("train step", batch_size, batch_size * model.flops_per_image(training=True), *timed(train_step, bench_steps))]
@@ -127,12 +119,12 @@ if bench_sampling:
     net.eval()
     x_T = torch.randn(sample_batch_size, *shape, device=device)
     y = torch.randint(0, num_classes, (sample_batch_size,), device=device)
-
     times, second_order = SAMPLERS[sampler]
+    ts = times(schedule, sample_steps)
 
     def sample():
         with autocast, torch.no_grad():
-            solve(net, schedule, x_T, y, times(schedule, sample_steps), sample_cfg_scale, second_order=second_order)
+            solve(net, schedule, x_T, y, ts, sample_cfg_scale, second_order=second_order)
 
     timed(sample, 1)  # warm-up (and compilation of the eval graph)
     passes = 2 if sample_cfg_scale != 1.0 else 1  # cond + uncond in one batch

@@ -1,7 +1,4 @@
-"""
-The checkpoint format in one place: how train.py writes out_dir/ckpt.pt and best.pt (a dict of tensors, numbers,
-strings, lists and dicts), how sample.py, fid.py and a resumed train.py read them, and what a resume may not change.
-"""
+"""The checkpoint format: how train.py writes ckpt.pt and best.pt, how scripts read them, what resume may not change."""
 
 import glob
 import os
@@ -15,17 +12,13 @@ from runtime import DataError, one_line, save_file, save_torch
 
 LAYOUT = 2  # the network's parameter layout: 2 since the long skips, SwiGLU and RoPE; older files cannot be built
 
-
 def write_checkpoint(path, **state):
-    """Write state (with LAYOUT) to path through a temporary file: a crash or a full disk mid-write never leaves a
-    broken checkpoint, and the old one stays (runtime.save_file)."""
+    """Write state (and LAYOUT) to path; a crash or a full disk mid-write keeps the old file (runtime.save_file)."""
     save_file(path, lambda tmp: save_torch(dict(state, layout=LAYOUT), tmp))
 
-
 def read_checkpoint(path, if_missing="train one with train.py, or pass --ckpt=path/to/ckpt.pt"):
-    """The dict in a train.py checkpoint. It holds only tensors, numbers, strings, lists and dicts, so it is read with
-    weights_only=True: a file whose pickle would build any other Python object (which is how a booby-trapped checkpoint
-    runs code) is refused unread."""
+    """The dict in a train.py checkpoint: only tensors, numbers, strings, lists and dicts, so it is read weights_only,
+    and a file whose pickle would build another object (how a booby-trapped checkpoint runs code) is refused unread."""
     if not os.path.exists(path):
         raise DataError(f"no checkpoint {path}; {if_missing}")
     try:
@@ -43,7 +36,6 @@ def read_checkpoint(path, if_missing="train one with train.py, or pass --ckpt=pa
                         "code cannot build; train anew, or read it with the code of that layout: git checkout 93c525c")
     return checkpoint
 
-
 def find_checkpoint(path="", quiet=False):
     """path, or if it is '' the newest out*/ckpt.pt in this folder (where train.py's configs put their runs)."""
     if path:
@@ -56,10 +48,8 @@ def find_checkpoint(path="", quiet=False):
         print(f"checkpoint: {found[-1]} (the newest out*/ckpt.pt here; --ckpt=... picks another)")
     return found[-1]
 
-
 def load_checkpoint(path, use_ema=True, device="cpu"):
-    """(model in eval mode, noise schedule, data meta, checkpoint dict) from a train.py checkpoint; DataError with a
-    clear message if it is missing or not one of ours."""
+    """(model in eval mode, noise schedule, data meta, checkpoint dict) from a train.py checkpoint."""
     checkpoint = read_checkpoint(path)
     try:
         model = DiT(DiTConfig(**checkpoint["model_config"]))
@@ -68,15 +58,12 @@ def load_checkpoint(path, use_ema=True, device="cpu"):
         raise DataError(f"{path} holds a model this code cannot build ({one_line(e)})") from e
     return model.to(device).eval(), NoiseSchedule(**checkpoint["noise_schedule"]), checkpoint["meta"], checkpoint
 
-
 def fixed_settings(model_config, schedule, meta, optimizer):
-    """The settings a resumed run must keep, by the names of train.py's keys: what the network computes and what its
-    output means (the model's sizes, the prediction target, the noise schedule, the data), and the optimizer, whose
-    state cannot move to another."""
+    """The settings a resumed run must keep, by train.py's key names: what the network computes and what its output
+    means (sizes, target, noise schedule, data), and the optimizer, whose state cannot move to another."""
     settings = dict(asdict(model_config), noise_schedule=schedule.name, input_scale=schedule.input_scale)
     settings |= {f"schedule_{k}": v for k, v in schedule.params.items()}
     return settings | dict(data=meta["kind"], classes=meta["classes"], vae=meta.get("vae"), optimizer=optimizer)
-
 
 def check_resumable(checkpoint, path, model_config, schedule, meta, optimizer):
     """ValueError naming every fixed setting (fixed_settings) in which this run differs from the checkpoint."""

@@ -1,16 +1,11 @@
 """
-Poor man's configurator, the nanoGPT way, with errors a person can act on. A script sets its
-defaults as module-level variables, then execs this file, which overrides them left to right:
+Poor man's configurator, the nanoGPT way. A script sets its defaults as module-level variables, then execs this file,
+which overrides them left to right: python train.py config/train_cifar.py --batch_size=64 --compile=False
 
-    python train.py config/train_cifar.py --batch_size=64 --compile=False --classes=3,5
-
-A config file is plain Python whose assignments override defaults. --key=value is parsed
-with ast.literal_eval (--lr=1e-3, --compile=False, --classes=3,5: a float, a bool, a tuple)
-and kept as text where the default is a string (--device=cuda, --classes=cat,dog).
-An unknown key, a wrongly typed value or a missing file ends the program with one line
-on stderr; --help lists every key. `config_keys` names the keys (module-level values of a
-config type, except _private and UPPER_CASE names). A script that reads another's config
-files sets _config_files_may_set_other_keys = True. Its own names start with _ (it runs in the script).
+A config file is plain Python. --key=value is a Python literal (--lr=1e-3, --compile=False, --classes=3,5), kept as text
+where the default is a string (--device=cuda). An unknown key, a wrongly typed value or a missing file ends the program
+with one line; --help lists the keys (`config_keys`: module-level values of a config type, except _private and UPPER
+names). A script that reads another's config files sets _config_files_may_set_other_keys = True.
 """
 
 import ast as _ast
@@ -19,10 +14,8 @@ import difflib as _difflib
 import sys as _sys
 
 _CONFIG_TYPES = (bool, int, float, str, tuple, list, type(None))
-# every module-level value set so far, except _private names and CONSTANTS
 config_keys = [_k for _k, _v in globals().items()
                if not _k.startswith("_") and not _k.isupper() and isinstance(_v, _CONFIG_TYPES)]
-
 
 def _checked_value(key, value, source):
     """value, converted to the type of key's default where that is lossless, or an error."""
@@ -43,16 +36,13 @@ def _checked_value(key, value, source):
     _sys.exit(f"config error: {key} ({source}) expects {type(default).__name__} like {default!r}, "
               f"got {type(value).__name__} {value!r}")
 
-
 def _parse_value(key, text):
-    """A Python literal; for a string key the text as typed unless quoted (--device=cuda,
-    --classes=3,5, --name="'x'"); a bare word stays text and the type check judges it."""
+    """A Python literal; for a string key the text as typed unless quoted (--name="'x'"); a bare word stays text."""
     try:
         value = _ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
     return text if key in config_keys and isinstance(globals()[key], str) and not isinstance(value, str) else value
-
 
 for _arg in _sys.argv[1:]:
     if _arg in ("-h", "--help"):
@@ -73,11 +63,9 @@ for _arg in _sys.argv[1:]:
         except OSError as _e:
             _sys.exit(f"config error: cannot read config file '{_arg}': {_e.strerror}")
         print(f"Overriding config with {_arg}")
-        # Run the file in its own namespace, then check every name it set like a --key=value.
-        _namespace = {}
+        _namespace = {}  # run in its own namespace, then every name it set checked like a --key=value
         try:
-            # (builtins.compile: scripts have a config key named `compile`)
-            exec(_builtins.compile(_source, _arg, "exec"), _namespace)
+            exec(_builtins.compile(_source, _arg, "exec"), _namespace)  # builtins': a config key is named compile
         except Exception as _e:
             _sys.exit(f"config error: config file '{_arg}' failed: {type(_e).__name__}: {_e}")
         for _key, _value in _namespace.items():

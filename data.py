@@ -1,10 +1,7 @@
 """
-The data: CIFAR-10 and folders of images, the prepared dataset on disk (data/<name>/{train,test}.pt and meta.json) and
-its batches, model space <-> uint8 images, and the pretrained VAE (a diffusers AutoencoderKL) that turns images into
-latents and back.
-
-Model space is what the diffusion model sees: pixels scaled to [-1, 1], or VAE latents
-in the VAE's scaling convention, normalised per channel to zero mean and unit std.
+The data: CIFAR-10 and folders of images, the prepared dataset (data/<name>/{train,test}.pt and meta.json) and its
+batches, model space <-> uint8 images, and the VAE (a diffusers AutoencoderKL) between images and latents. Model space
+is what the diffusion model sees: pixels in [-1, 1], or the VAE's latents normalised per channel to mean 0 and std 1.
 """
 
 import json
@@ -18,16 +15,11 @@ from runtime import DataError, one_line, progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
-
-# -----------------------------------------------------------------------------
-# Real images
-
+# --- images -----------------------------------------------------------------------------------------------------------
 
 def load_cifar10(download_dir, split):
-    """(uint8 images (N, 3, 32, 32), int64 labels, class names) of CIFAR-10's 'train' or
-    'test' split, downloaded once by torchvision into download_dir."""
+    """(uint8 images (N, 3, 32, 32), int64 labels, class names) of CIFAR-10's split, downloaded once by torchvision."""
     import torchvision
-
     try:
         dataset = torchvision.datasets.CIFAR10(download_dir, train=split == "train", download=True)
     except Exception as e:
@@ -36,25 +28,19 @@ def load_cifar10(download_dir, split):
     images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
     return images, torch.tensor(dataset.targets), dataset.classes
 
-
 def image_files(folder):
     """Every image file below folder, at any depth, sorted."""
     files = (os.path.join(root, f) for root, _, names in os.walk(folder) for f in names)
     return sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
 
-
 def resize_crop(image, size):
     """PIL image -> RGB, its central square resized to size x size (bicubic); as it is if it has that size."""
     from PIL import Image, ImageOps
-
     return ImageOps.fit(image.convert("RGB"), (size, size), Image.BICUBIC)
 
-
 def read_images(paths, size=None, what=""):
-    """uint8 (N, 3, H, W) from image files: resized and cropped to size x size, or, without
-    size, as they are (then they must share one size)."""
+    """uint8 (N, 3, H, W) from image files, resized and cropped to size x size, or as they are (then of one size)."""
     from PIL import Image
-
     images = []
     with progress(len(paths), f"reading {what or 'images'}") as bar:
         for path in paths:
@@ -70,10 +56,7 @@ def read_images(paths, size=None, what=""):
             bar.update()
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
 
-
-# -----------------------------------------------------------------------------
-# The prepared dataset
-
+# --- the prepared dataset ---------------------------------------------------------------------------------------------
 
 def load_split(data_dir, split):
     """data_dir/<split>.pt -> (x, labels): x uint8 (N, 3, H, W) pixels or float16 latents."""
@@ -86,7 +69,6 @@ def load_split(data_dir, split):
     except Exception as e:
         raise DataError(f"{path} is not a dataset written by prepare_cifar.py ({one_line(e)})") from e
 
-
 def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
@@ -94,11 +76,9 @@ def load_meta(data_dir):
     with open(path) as f:
         return json.load(f)
 
-
 def latent_stats(meta, device):
     """The per-channel mean and std of the train latents, shaped (1, C, 1, 1)."""
     return (torch.tensor(meta[key], device=device).view(1, -1, 1, 1) for key in ("latent_mean", "latent_std"))
-
 
 def to_model_space(x, meta):
     """A batch as stored (uint8 pixels or raw latents) -> float32 model input."""
@@ -107,11 +87,9 @@ def to_model_space(x, meta):
     mean, std = latent_stats(meta, x.device)
     return (x.float() - mean) / std
 
-
 def get_batch(x_all, y_all, n, meta, flip=False, generator=None):
-    """n random images and labels of a dataset held on the device, in model space; pixels are flipped left-right at
-    random (each with probability 1/2) with flip, the one augmentation CIFAR models use (latents come flipped from
-    prepare_cifar.py). All draws come from generator."""
+    """n random images and labels of a dataset on the device, in model space, all drawn from generator. flip mirrors
+    half of the pixel images, the one augmentation CIFAR models use (latents come flipped from prepare_cifar.py)."""
     idx = torch.randint(len(x_all), (n,), device=x_all.device, generator=generator)
     x, y = x_all[idx], y_all[idx]
     if meta["kind"] == "pixels":
@@ -121,20 +99,15 @@ def get_batch(x_all, y_all, n, meta, flip=False, generator=None):
             x = torch.where(flipped.view(n, 1, 1, 1), x.flip(3), x)
     return x, y
 
-
 def from_uint8(x):
     """uint8 images -> float32 in [-1, 1]."""
     return x.float() / 127.5 - 1.0
-
 
 def to_uint8(x):
     """[-1, 1] float images -> uint8 (B, 3, H, W)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-
-# -----------------------------------------------------------------------------
-# The VAE
-
+# --- the VAE ----------------------------------------------------------------------------------------------------------
 
 def load_vae(name_or_path, device="cpu"):
     """A diffusers AutoencoderKL from the Hugging Face hub or a local folder, frozen, in eval mode."""
@@ -155,27 +128,21 @@ def load_vae(name_or_path, device="cpu"):
                         "elsewhere and pass its local folder with --vae=path/to/vae") from e
     return vae.to(device).eval().requires_grad_(False)
 
-
 def vae_scaling(vae):
-    """The VAE's own convention, read from its config: z = (latent - shift) * scale.
-    (SD 1.x/2.x VAEs have scale 0.18215 and no shift; SD3/Flux-style 16-channel ones have both.)"""
+    """(scale, shift) of the VAE's convention z = (latent - shift) * scale (SD 1.x: 0.18215 and 0; SD3, Flux: both)."""
     shift = getattr(vae.config, "shift_factor", None)
     return float(vae.config.scaling_factor), float(shift or 0.0)
 
-
 @torch.no_grad()
 def encode(vae, images):
-    """uint8 (B, 3, H, W) images -> latents z in the VAE's scaling convention, float32. Takes the mean of the encoder's
-    distribution rather than a sample, so the dataset is deterministic."""
+    """uint8 (B, 3, H, W) images -> float32 latents: the encoder's mean, not a sample, so the data is deterministic."""
     scale, shift = vae_scaling(vae)
     latent = vae.encode(from_uint8(images.to(vae.device))).latent_dist.mean
     return ((latent - shift) * scale).float()
 
-
 @torch.no_grad()
 def to_images(x, meta, vae=None, batch_size=256):
-    """Model-space samples -> uint8 images on the CPU. Latents: undo the per-channel normalisation, then the VAE's
-    scaling convention, then run its decoder, batch_size latents at a time."""
+    """Model-space samples -> uint8 images on the CPU; latents are un-normalised and decoded, batch_size at a time."""
     if meta["kind"] == "pixels":
         return to_uint8(x).cpu()
     if vae is None:

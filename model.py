@@ -1,18 +1,15 @@
 """
 The whole of nano-diffusion's model in one file. Read it top to bottom as the lesson it is:
 
-1. How noise is added. A path from data (t = 0) to pure noise (t = 1):
-       x_t = alpha_t * b * x0 + sigma_t * eps,   eps ~ N(0, I)
-   the variance-preserving schedules of Chen 2023 (https://arxiv.org/abs/2301.10972) and the
-   rectified-flow straight line (SD3, https://arxiv.org/abs/2403.03206).
-2. The network that learns to undo it: a diffusion transformer in the PixArt-alpha style
-   (https://arxiv.org/abs/2310.00426), told the time t and the class it should draw, with three
-   later improvements that each trained faster here: U-ViT long skips, SwiGLU and 2-D RoPE.
-3. The loss that teaches it: noise an image to a random t, and ask for the noise back (or a
-   mix of noise and image, the "target").
-4. The samplers that use it: start from pure noise and walk the path back to t = 0 in a few
-   steps, with classifier-free guidance (https://arxiv.org/abs/2207.12598): DDIM
-   (https://arxiv.org/abs/2010.02502) and DPM-Solver++(2M) (https://arxiv.org/abs/2211.01095).
+1. How noise is added: a path from data (t = 0) to pure noise (t = 1), x_t = alpha_t * b * x0 + sigma_t * eps, the
+   variance-preserving schedules of Chen 2023 (https://arxiv.org/abs/2301.10972) or SD3's rectified-flow straight line
+   (https://arxiv.org/abs/2403.03206).
+2. The network that learns to undo it: a diffusion transformer like PixArt-alpha's (https://arxiv.org/abs/2310.00426)
+   told the time t and the class to draw, with three later changes that each trained faster here: U-ViT long skips,
+   SwiGLU and 2-D RoPE.
+3. The loss that teaches it: noise an image to a random t, and ask for the noise back (or a mix of noise and image).
+4. The samplers that use it, from noise back to t = 0 in a few steps with guidance (https://arxiv.org/abs/2207.12598):
+   DDIM (https://arxiv.org/abs/2010.02502) and DPM-Solver++(2M) (https://arxiv.org/abs/2211.01095).
 """
 
 import inspect
@@ -23,30 +20,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# 1. How noise is added: paths and schedules
+# --- 1. How noise is added: paths and schedules -----------------------------------------------------------------------
+# Time is continuous, t in [0, 1]. A path says how much of the image (alpha_t) and how much noise (sigma_t) there is at
+# time t. The loss and both samplers use nothing but alpha_sigma(t), so a new path needs no new sampler.
 #
-# Time is continuous, t in [0, 1]. A path says how much of the image (alpha_t) and how much
-# noise (sigma_t) there is at time t. Everything else (the loss, both samplers) uses nothing
-# but alpha_sigma(t), so a new path needs no new sampler.
-#
-# - Variance preserving (VP): alpha_t^2 + sigma_t^2 = 1. Chen 2023 writes gamma(t) for
-#   alpha_t^2, the share of the signal's variance left at t, falling from 1 to (nearly) 0.
-#   (Beware: VDM, Kingma et al. 2021, uses gamma for minus the log-SNR.) It is clipped to
-#   [clip_min, 1], so alpha never reaches 0. The defaults are the paper's.
-# - Flow: the straight line alpha_t = 1 - t, sigma_t = t between data and noise (rectified
-#   flow; SD3 section 2, SiT https://arxiv.org/abs/2401.08740).
-# - The input scale b (Chen 2023, section 3.2): the image is multiplied by b before it is
-#   noised, so b < 1 leaves less signal at every t. The model then works on b * x0: the loss
-#   scales the data by b (step 2 of diffusion_loss) and the samplers divide by b at the end.
-#
-# The log signal-to-noise ratio lambda_t = log(alpha_t / sigma_t) falls from +inf (t = 0)
-# to its lowest at t = 1 (-inf on the flow path): DPM-Solver++ spaces its steps by it.
-
+# - Variance preserving (VP): alpha_t^2 + sigma_t^2 = 1. Chen 2023 writes gamma(t) for alpha_t^2, the share of the
+#   signal's variance left at t, falling from 1 to (nearly) 0 (VDM's gamma is another thing: minus the log-SNR). It is
+#   clipped to [clip_min, 1], so alpha never reaches 0. The defaults are the paper's.
+# - Flow: the straight line alpha_t = 1 - t, sigma_t = t between data and noise (rectified flow; SD3 section 2, SiT
+#   https://arxiv.org/abs/2401.08740).
+# - The input scale b (Chen 2023, section 3.2): the image is multiplied by b before it is noised, so b < 1 leaves less
+#   signal at every t. The loss scales the data by b (step 2 of diffusion_loss); the samplers divide by b at the end.
+# - The log signal-to-noise ratio lambda_t = log(alpha_t / sigma_t) falls from +inf (t = 0) to its lowest at t = 1
+#   (-inf on the flow path): DPM-Solver++ spaces its steps by it.
 
 def linear_gamma(t, clip_min=1e-9):
     return (1 - t).clamp(clip_min, 1.0)
-
 
 def cosine_gamma(t, start=0.0, end=1.0, tau=1.0, clip_min=1e-9):
     # Stretch cos(pi/2 * u)^(2 tau) over u in [start, end] and renormalise to [1, 0].
@@ -55,7 +44,6 @@ def cosine_gamma(t, start=0.0, end=1.0, tau=1.0, clip_min=1e-9):
     v = torch.cos((t * (end - start) + start) * math.pi / 2) ** (2 * tau)
     return ((v_end - v) / (v_end - v_start)).clamp(clip_min, 1.0)
 
-
 def sigmoid_gamma(t, start=-3.0, end=3.0, tau=1.0, clip_min=1e-9):
     # Same idea with a sigmoid over [start, end]; larger tau flattens it.
     v_start = 1 / (1 + math.exp(-start / tau))
@@ -63,9 +51,7 @@ def sigmoid_gamma(t, start=-3.0, end=3.0, tau=1.0, clip_min=1e-9):
     v = torch.sigmoid((t * (end - start) + start) / tau)
     return ((v_end - v) / (v_end - v_start)).clamp(clip_min, 1.0)
 
-
 GAMMA_FUNCTIONS = {"linear": linear_gamma, "cosine": cosine_gamma, "sigmoid": sigmoid_gamma}
-
 
 @dataclass
 class NoiseSchedule:
@@ -84,7 +70,6 @@ class NoiseSchedule:
         gamma = self.gamma(t)
         return gamma.sqrt(), (1 - gamma).sqrt()
 
-
 def get_noise_schedule(name, input_scale=1.0, **params):
     """get_noise_schedule('sigmoid', start=0, end=3, tau=0.5, input_scale=0.5), or 'flow'."""
     if name not in (*GAMMA_FUNCTIONS, "flow"):
@@ -98,10 +83,7 @@ def get_noise_schedule(name, input_scale=1.0, **params):
         raise ValueError(f"input_scale must be positive, got {input_scale}")
     return NoiseSchedule(name, defaults | params, float(input_scale))
 
-
-# -----------------------------------------------------------------------------
-# 2. The network that undoes the noise: a DiT with adaLN-single, a class token, long skips, SwiGLU and RoPE
-
+# --- 2. The network that undoes the noise: a DiT with adaLN-single, a class token, long skips, SwiGLU and RoPE --------
 
 @dataclass
 class DiTConfig:
@@ -125,10 +107,8 @@ class DiTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
 
-
 def sincos_pos_embed_2d(n_embd, grid_size):
-    """Fixed 2D sin-cos position embeddings (as in ViT-MAE and DiT): (grid_size**2, n_embd). Half of the channels
-    encode the row, half the column, each as sin/cos at geometrically spaced frequencies."""
+    """Fixed 2D sin-cos position embeddings (ViT-MAE, DiT), (grid_size**2, n_embd): half the channels for the row."""
     assert n_embd % 4 == 0, "n_embd must be divisible by 4 for 2D sin-cos embeddings"
     freqs = 1.0 / 10000 ** (torch.arange(n_embd // 4, dtype=torch.float64) / (n_embd // 4))
     coords = torch.arange(grid_size, dtype=torch.float64)
@@ -136,49 +116,36 @@ def sincos_pos_embed_2d(n_embd, grid_size):
     angles = [pos.flatten()[:, None] * freqs[None, :] for pos in (rows, cols)]  # (G*G, n_embd/4) each
     return torch.cat([angles[0].sin(), angles[0].cos(), angles[1].sin(), angles[1].cos()], dim=1).float()
 
-
 def rope_2d(head_dim, grid_size, base=100.0):
-    """2-D rotary position embedding (RoPE, Su et al. 2021, https://arxiv.org/abs/2104.09864; 2-D as in FiT and
-    LightningDiT): cos and sin (grid_size**2, head_dim). Channel i and i + head_dim/2 of a query or key are turned by
-    one angle; a quarter of the pairs turn with the row, a quarter with the column. A rotated q . k then depends only
-    on how far apart the two patches are, which the fixed embedding added to the input cannot promise."""
+    """2-D rotary position embedding (RoPE, https://arxiv.org/abs/2104.09864; 2-D as in FiT, LightningDiT): cos and sin
+    (grid_size**2, head_dim). Channels i and i + head_dim/2 of a query or key turn by one angle, half the pairs with the
+    row, half with the column: a rotated q . k depends only on how far apart two patches are."""
     freqs = 1.0 / base ** (torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
     angles = torch.cat([rows.flatten()[:, None] * freqs, cols.flatten()[:, None] * freqs], dim=1).repeat(1, 2)
     return angles.cos().float(), angles.sin().float()
 
-
 def apply_rope(x, cos, sin):
     # x (B, H, N, head_dim): each pair (x1, x2) becomes (x1 cos - x2 sin, x2 cos + x1 sin)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
-
 def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of continuous t in [0, 1]. t is scaled by 1000 so the
-    frequencies see the same range as with the usual 1000 discrete DDPM steps."""
+    """Sinusoidal embedding of t in [0, 1], scaled by 1000: the frequencies see the range of DDPM's 1000 steps."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     angles = 1000 * t.float()[:, None] * freqs[None, :]  # (B, half)
     return torch.cat([angles.cos(), angles.sin()], dim=1)  # (B, dim)
 
-
 def modulate(x, shift, scale):
-    # x (B, N, D); shift, scale (B, D)
-    return x * (1 + scale[:, None]) + shift[:, None]
-
+    return x * (1 + scale[:, None]) + shift[:, None]  # x (B, N, D); shift, scale (B, D)
 
 class Attention(nn.Module):
-    """Self-attention over the patch tokens, with the class token appended to the keys
-    and values only.
-
-    Why not a cross-attention layer per block (as PixArt does for text)? With a single
-    class token, cross-attention has one key, so its softmax is always 1 and it
-    degenerates into adding the same vector to every patch. Appending the class token
-    to self-attention's keys/values keeps it a real attention: every patch decides how
-    much to look at the class versus at the other patches, at the cost of one extra
-    key (N+1 instead of N), and no extra layer."""
+    """Self-attention over the patch tokens, with the class token appended to the keys and values only. Why not
+    cross-attention per block (as PixArt does for text)? With one class token it has one key, so its softmax is
+    always 1: the same vector added to every patch. As one more key of self-attention the class stays a real attention:
+    every patch decides how much to look at the class versus the other patches, with no extra layer."""
 
     def __init__(self, config):
         super().__init__()
@@ -191,8 +158,7 @@ class Attention(nn.Module):
 
     def forward(self, x, class_token, rope):
         (B, N, D), H = x.shape, self.n_head
-        # (B, N, 3D) -> (3, B, H, N, D/H)
-        q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, D/H)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)  # the patches' positions; the class token has none
         # (B, 1, 2D) -> (2, B, H, 1, D/H)
         k_class, v_class = self.class_kv(class_token).view(B, 1, 2, H, D // H).permute(2, 0, 3, 1, 4)
@@ -202,11 +168,9 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, D/H) -> (B, N, D)
         return self.proj_dropout(self.proj(x))
 
-
 class Block(nn.Module):
-    """Pre-norm transformer block whose norms are modulated by the time (adaLN-single, PixArt-alpha section 2.3):
-    each half shifts and scales its normalised input, then gates what it adds to the residual stream. A block of the
-    second half first merges in the output of its mirror image in the first half (long_skip, see DiT)."""
+    """Pre-norm block modulated by the time (adaLN-single, PixArt-alpha section 2.3): each half shifts and scales its
+    normalised input and gates what it adds to the residual. With long_skip it first merges in its mirror's output."""
 
     def __init__(self, config, long_skip=False):
         super().__init__()
@@ -215,12 +179,10 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(config)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        # SwiGLU (Shazeer 2020, https://arxiv.org/abs/2002.05202): a gated MLP, 2/3 as wide as a GELU one of the same
-        # parameters and FLOPs; it trained faster here (README, "What each change buys")
+        # SwiGLU (https://arxiv.org/abs/2002.05202): a gated MLP 2/3 as wide as a GELU one of the same cost; faster here
         hidden = int(2 / 3 * D * config.mlp_ratio)
         self.fc, self.proj, self.dropout = nn.Linear(D, 2 * hidden), nn.Linear(hidden, D), nn.Dropout(config.dropout)
-        # This block's own learned offsets to the shared time modulation, one row each:
-        # shift, scale and gate for attention, then shift, scale and gate for the MLP.
+        # this block's offsets to the shared time modulation: shift, scale, gate for attention, then for the MLP
         self.modulation = nn.Parameter(torch.zeros(6, config.n_embd))
 
     def mlp(self, x):
@@ -236,7 +198,6 @@ class Block(nn.Module):
         x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn), class_token, rope)
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
-
 
 class DiT(nn.Module):
     """Noisy image x_t, its time t and a class y in; the prediction (config.prediction, section 3) out, as x_t."""
@@ -255,9 +216,8 @@ class DiT(nn.Module):
         # adaLN-single: ONE layer turns the time into the 6 modulation vectors that all blocks share
         self.adaln_single = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.class_embed = nn.Embedding(config.num_classes + 1, D)  # +1: the "no class" id
-        # Long skips (U-ViT, Bao et al. 2023, https://arxiv.org/abs/2209.12152): the last n_layer // 2 blocks each
-        # take the output of their mirror image among the first (block L-1 that of block 0, ...), so fine detail from
-        # the shallow blocks reaches the output without squeezing through the deep ones
+        # Long skips (U-ViT, https://arxiv.org/abs/2209.12152): the last n_layer // 2 blocks each take the output of
+        # their mirror among the first (block L-1 that of block 0, ...): shallow detail reaches the output directly
         L = config.n_layer
         self.blocks = nn.ModuleList([Block(config, long_skip=i >= L - L // 2) for i in range(L)])
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
@@ -275,8 +235,7 @@ class DiT(nn.Module):
         nn.init.zeros_(self.patch_embed.bias)
         for weight in [self.t_embedder[0].weight, self.t_embedder[2].weight, self.class_embed.weight]:
             nn.init.normal_(weight, std=0.02)
-        # Zero the shared modulation, and give each block random shifts/scales but zero
-        # gates: every block starts as the identity, and the output layer starts at zero.
+        # the shared modulation and the output layer zero, and each block's gates: every block starts as the identity
         for param in (self.adaln_single[1].weight, self.adaln_single[1].bias, self.out.weight, self.out.bias):
             nn.init.zeros_(param)
         D = self.config.n_embd
@@ -308,12 +267,9 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
-        """A list of optimizers that together hold every parameter. 'adamw': AdamW, decaying the tensors of 2 or more
-        dimensions (weights, embeddings, tables) but not the biases, fused into one kernel per step on CUDA.
-        'muon': Muon (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/) for the blocks' matrices, AdamW
-        for the rest. Muon orthogonalises each matrix's momentum, so every direction of the update moves at the same
-        rate, and it learned faster per second here despite its cost (README, "What each change buys"); its learning
-        rate is matched to AdamW's (adjust_lr_fn), so one learning_rate serves both."""
+        """Optimizers that hold every parameter: AdamW (decaying tensors of 2 or more dimensions), or with 'muon' Muon
+        (https://kellerjordan.github.io/posts/muon/) for the blocks' matrices: it orthogonalises each one's momentum, so
+        every direction moves at one rate, and learned faster per second here; its rate is matched to AdamW's."""
         params = [p for p in self.parameters() if p.requires_grad]
         muon = []
         if optimizer == "muon":
@@ -334,8 +290,7 @@ class DiT(nn.Module):
                 adamw]
 
     def flops_per_image(self, training=True):
-        """Matmul FLOPs (2 per multiply-add) for one image; training counts the forward pass and a backward pass
-        twice as expensive. Elementwise ops, norms and softmax are left out: they are a few percent of the total."""
+        """Matmul FLOPs (2 per multiply-add) of one image; training adds a backward twice as dear as the forward."""
         c, N = self.config, self.grid_size**2
         D, L, p, C, hidden = c.n_embd, c.n_layer, c.patch_size, c.in_channels, self.blocks[0].proj.in_features
         # qkv, the class token's k and v, q @ k^T and attention @ v over N+1 keys, projection, MLP
@@ -345,24 +300,18 @@ class DiT(nn.Module):
                    + L // 2 * 2 * N * 2 * D * D + 2 * N * D * p * p * C)
         return 3 * forward if training else forward
 
-
 def unwrap_model(model):
     """The DiT inside a DistributedDataParallel and/or torch.compile wrapper."""
     model = getattr(model, "module", model)  # DDP
     return getattr(model, "_orig_mod", model)  # torch.compile
 
-
-# -----------------------------------------------------------------------------
-# 3. The loss: noise an image to a random time, and regress the network's output onto a target
-#
+# --- 3. The loss: noise an image to a random time, and regress the network's output onto a target ---------------------
 # The target, config.prediction. Two of the names are alike and mean different things:
-#   'eps'       the noise itself (DDPM). To get x0 back the samplers divide by alpha_t, which
-#               is ~0 near pure noise: it cannot work on the flow path (check_objective).
-#   'v'         alpha_t * eps - sigma_t * x0 (Salimans & Ho 2022, https://arxiv.org/abs/2202.00512),
-#               a rotation of (eps, x0) made for VP paths; it also works on the flow path.
-#   'velocity'  eps - x0: the flow path's own velocity dx_t/dt (rectified flow, SD3, SiT);
-#               only on the flow path, where x_t = x0 + t * (eps - x0).
-
+#   'eps'       the noise itself (DDPM). To get x0 back the samplers divide by alpha_t, ~0 near pure noise: it cannot
+#               work on the flow path (check_objective).
+#   'v'         alpha_t * eps - sigma_t * x0 (https://arxiv.org/abs/2202.00512), a rotation of (eps, x0) made for VP
+#               paths; it also works on the flow path.
+#   'velocity'  eps - x0: the flow path's own velocity dx_t/dt (rectified flow, SD3, SiT); only on the flow path.
 
 def check_objective(noise_schedule, prediction):
     """A clear error for a path and a prediction target that do not go together."""
@@ -373,16 +322,13 @@ def check_objective(noise_schedule, prediction):
         raise ValueError("prediction 'eps' cannot work with noise_schedule='flow': at t=1 the path is pure noise "
                          "(alpha = 0), so a predicted eps says nothing about x0; use prediction='velocity' (or 'v')")
 
-
 def sample_t(batch_size, t_sampling, device, generator=None):
-    """Training timesteps: 'uniform' on [0, 1], or 'logit_normal' (SD3, arXiv 2403.03206,
-    section 3.1: sigmoid of a standard normal) which spends more steps mid-way."""
+    """Training times: 'uniform' on [0, 1], or 'logit_normal' (SD3 section 3.1), which trains more at mid-way times."""
     if t_sampling == "uniform":
         return torch.rand(batch_size, device=device, generator=generator)
     if t_sampling == "logit_normal":
         return torch.sigmoid(torch.randn(batch_size, device=device, generator=generator))
     raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {t_sampling!r}")
-
 
 def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None):
     """Mean squared error between the network's prediction and its target, on images x0 noised at random times."""
@@ -395,8 +341,7 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
     alpha, sigma = (c.view(B, 1, 1, 1) for c in noise_schedule.alpha_sigma(t))
     x0 = x0 * noise_schedule.input_scale
     x_t = alpha * x0 + sigma * eps
-    # 3. with probability class_dropout the "no class" id instead of the label, so that the
-    #    same network also learns the unconditional prediction guidance needs
+    # 3. with probability class_dropout the "no class" id, so the network also learns the unconditional prediction
     if class_dropout > 0:
         drop = torch.rand(B, device=device, generator=generator) < class_dropout
         y = torch.where(drop, config.num_classes, y)
@@ -404,31 +349,23 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
     target = {"eps": eps, "v": alpha * eps - sigma * x0, "velocity": eps - x0}[config.prediction]
     return F.mse_loss(model(x_t, t, y).float(), target)
 
-
-# -----------------------------------------------------------------------------
-# 4. Sampling: walk the path back from pure noise to t = 0
-#
-# Every sampler here repeats one move. At the current point x (time t) the network guesses the
-# clean image x0; the noise that goes with that guess is then eps = (x - alpha_t x0) / sigma_t.
-# DDIM keeps both and puts them together at the next, lower noise level. That is a step of the
-# probability-flow ODE, whose solution maps each x_T to one image. DPM-Solver++(2M) makes the
-# same move with a better x0. Samplers work in b-scaled space and divide by b at the end.
-
+# --- 4. Sampling: walk the path back from pure noise to t = 0 ---------------------------------------------------------
+# Every sampler here repeats one move. At the current point x (time t) the network guesses the clean image x0; the noise
+# that goes with that guess is eps = (x - alpha_t x0) / sigma_t. DDIM puts both together at the next, lower noise level:
+# a step of the probability-flow ODE, whose solution maps each x_T to one image. DPM-Solver++(2M) makes the same move
+# with a better x0. Samplers work in b-scaled space and divide by b at the end.
 
 def guided_prediction(model, x, t, y, cfg_scale=1.0):
-    """The network's output with classifier-free guidance: uncond + cfg_scale * (cond - uncond). The conditional and
-    unconditional halves run as ONE batch of 2B; cfg_scale == 1 is plain conditional prediction (one pass of B)."""
+    """The output with classifier-free guidance, uncond + cfg_scale * (cond - uncond), both halves in ONE batch."""
     if cfg_scale == 1.0:
         return model(x, t, y).float()
     null = torch.full_like(y, unwrap_model(model).config.num_classes)
     cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
     return uncond + cfg_scale * (cond - uncond)
 
-
 def predict_x0(model, x, t, y, alpha, sigma, cfg_scale=1.0, clip_x0=None):
-    """The network's (guided) guess of the clean image x0 (b-scaled) at x = alpha x0 + sigma eps, time t. clip_x0
-    clamps it to the data's range, [-clip_x0, clip_x0]: with 'eps' at t=1, where alpha ~ 3e-5, any error of the
-    prediction is multiplied by ~3e4."""
+    """The (guided) guess of the clean image x0 (b-scaled) at x = alpha x0 + sigma eps. clip_x0 clamps it to the data's
+    range: with 'eps' at t=1, where alpha ~ 3e-5, an error of the prediction is multiplied by ~3e4."""
     out = guided_prediction(model, x, torch.full((len(x),), t, device=x.device), y, cfg_scale)
     prediction = unwrap_model(model).config.prediction
     if prediction == "eps":  # out = eps; alpha > 0 (VP gammas are clipped, check_objective rules out the flow path)
@@ -439,25 +376,21 @@ def predict_x0(model, x, t, y, alpha, sigma, cfg_scale=1.0, clip_x0=None):
         x0 = (alpha * x - sigma * out) / (alpha**2 + sigma**2)
     return x0 if clip_x0 is None else x0.clamp(-clip_x0, clip_x0)
 
-
 def ddim_step(x, x0, now, next, eta=0.0, noise=None):
-    """One DDIM step (Song et al. 2020, eq. 12) from x at the noise level now = (alpha, sigma) to next: keep the guess
-    x0 and the noise that goes with it, eps = (x - alpha x0) / sigma, and mix them at the next level. eta > 0 swaps
-    part of eps for fresh noise from noise(): eta = 1 draws from DDPM's posterior q(x_next | x, x0), whose standard
-    deviation for any path is sigma_next * sqrt(1 - (alpha sigma_next / (alpha_next sigma))^2)."""
+    """One DDIM step (eq. 12) from x at the level now = (alpha, sigma) to next: x0 and its eps mixed at the next level.
+    eta > 0 swaps part of eps for fresh noise(): eta = 1 draws from DDPM's posterior q(x_next | x, x0), whose std on
+    any path is sigma_next * sqrt(1 - (alpha sigma_next / (alpha_next sigma))^2)."""
     (alpha, sigma), (alpha_next, sigma_next) = now, next
     eps = (x - alpha * x0) / sigma  # sigma > 0: the network is never asked at t = 0
     fresh = eta * sigma_next * math.sqrt(max(1 - (alpha * sigma_next / (alpha_next * sigma)) ** 2, 0.0))
     x_next = alpha_next * x0 + math.sqrt(max(sigma_next**2 - fresh**2, 0.0)) * eps
     return x_next + fresh * noise() if fresh > 0 else x_next
 
-
 def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second_order=False, eta=0.0, noise=None,
           trajectory=False):
-    """Walk from x_T at ts[0] = 1 down the float64 times ts to ts[-1] = 0: DDIM steps, or with second_order those of
-    DPM-Solver++(2M). Returns x0 (divided by b); with trajectory, (x0, the path), the path holding two lists, divided
-    by b too: 'x_t' (x_T ... x_0, the points visited) and 'x0_pred' (the network's guess at each of them but the last).
-    eta > 0 (DDIM only) adds fresh noise from noise() (default torch.randn_like)."""
+    """Walk from x_T at ts[0] = 1 down the float64 times ts to 0: DDIM steps, or DPM-Solver++(2M)'s with second_order.
+    Returns x0 (divided by b); with trajectory, (x0, path): 'x_t' (the points visited, x_T ... x_0) and 'x0_pred' (the
+    guess at each but the last), divided by b too. eta > 0 (DDIM only) adds noise() (default torch.randn_like)."""
     if len(ts) < 2:
         raise ValueError(f"steps must be at least 1, got {len(ts) - 1}")
     b = noise_schedule.input_scale
@@ -472,9 +405,9 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second
         x0 = predict_x0(model, x, ts[i].item(), y, *levels[i], cfg_scale, None if clip_x0 is None else clip_x0 * b)
         x0_step = x0
         if second_order and x0_prev is not None and math.isfinite(lambdas[i - 1]) and levels[i + 1][1] > 0:
-            # DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the last two guesses of x0, extrapolated linearly in
-            # lambda to the middle of this step; r = previous step / this step, both measured in lambda. The first
-            # and last steps stay DDIM's, and so does the second on the flow path, whose first lambda is -inf.
+            # DPM-Solver++(2M) (Algorithm 2): the last two guesses of x0 extrapolated linearly in lambda to the middle
+            # of this step, r = previous step / this step in lambda. The first and last steps stay DDIM's (and on the
+            # flow path, whose first lambda is -inf, the second).
             r = (lambdas[i] - lambdas[i - 1]) / (lambdas[i + 1] - lambdas[i])
             x0_step = x0 + (x0 - x0_prev) / (2 * r)
         x, x0_prev = ddim_step(x, x0_step, levels[i], levels[i + 1], eta, noise), x0
@@ -483,17 +416,14 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second
             path["x0_pred"].append(x0 / b)
     return (x / b, path) if trajectory else x / b
 
-
 def uniform_times(noise_schedule, steps):
     """steps + 1 times from t = 1 down to t = 0, evenly spaced in t (DDIM's grid)."""
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
 
-
 def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
-    """steps + 1 times from t = 1 down to t = 0, evenly spaced in log-SNR lambda (DPM-Solver's grid for pixel models,
-    Lu et al. 2022, section 3.3): the steps crowd where the image changes fast. The grid spans lambda_range, the
-    paper's (-5, 5), cut at the schedule's own lowest lambda; its two ends are then moved to t = 1 (pure noise, where
-    sampling starts) and t = 0 (the clean image), which lengthens the first and last steps a little."""
+    """steps + 1 times from t = 1 to 0 evenly spaced in log-SNR (DPM-Solver's grid for pixels, section 3.3): the steps
+    crowd where the image changes fast. It spans the paper's lambda_range, cut at the schedule's lowest lambda, and its
+    ends then move to t = 1 and t = 0, lengthening the first and last steps a little."""
     alpha, sigma = noise_schedule.alpha_sigma(torch.ones((), dtype=torch.float64))
     lowest = max(lambda_range[0], (alpha.log() - sigma.log()).item())
     lambdas = torch.linspace(lowest, lambda_range[1], steps + 1, dtype=torch.float64)
@@ -508,32 +438,23 @@ def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
     ts[0], ts[-1] = 1.0, 0.0
     return ts
 
-
-# Each sampler is solve() on a time grid, first or second order: DDIM (Song et al. 2020) steps evenly in t, and its
-# eta > 0 adds noise (eta = 1 is DDPM-like); DPM-Solver++(2M) (Lu et al. 2022) steps evenly in log-SNR with a
-# second-order guess of x0, nearer the ODE's solution in fewer steps (README, Samplers), and is deterministic.
+# Each sampler is solve() on a time grid, first or second order: DDIM steps evenly in t (eta > 0 adds noise);
+# DPM-Solver++(2M) evenly in log-SNR with a second-order x0, nearer the ODE's solution in fewer steps, deterministic.
 SAMPLERS = {"ddim": (uniform_times, False), "dpm++2m": (logsnr_times, True)}
 
-
 def noise_streams(indices, seed):
-    """One CPU random generator per image, seeded from (seed, its index): image i's noise, x_T first and then any
-    noise the sampler adds, is the same whatever batch it is in, whatever the batch size or the device."""
+    """A CPU generator per image, seeded by (seed, its index): image i's noise is the same in any batch or device."""
     return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
-
 
 def draw(streams, shape):
     """The next standard normal noise of every stream, stacked: (len(streams), *shape) on the CPU."""
     return torch.stack([torch.randn(shape, generator=g) for g in streams])
 
-
 @torch.no_grad()
 def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, indices=None, sampler="ddim", steps=20,
              cfg_scale=1.0, clip_x0=None, eta=0.0, trajectory=False, bar=None):
-    """Samples (model space, on the CPU) of the images numbered indices (default 0, 1, ...) with these class ids
-    (num_classes = unconditional), in batches; each image's noise comes from its own noise_streams generator, so an
-    image is the same whatever else is made with it. sampler is a name in SAMPLERS; clip_x0: see predict_x0 (1.0 for
-    pixels in [-1, 1]). With trajectory, (samples, path): solve()'s path, each entry (N, C, H, W). bar, a progress bar,
-    moves on after each batch."""
+    """Samples (model space, CPU) numbered indices (default 0, 1, ...) of these class ids, in batches, each one's noise
+    from its own noise_streams generator; sampler is a name in SAMPLERS. With trajectory, (samples, solve()'s path)."""
     times, second_order = SAMPLERS[sampler]
     ts, device = times(noise_schedule, steps), next(unwrap_model(model).parameters()).device
     indices = list(range(len(labels)) if indices is None else indices)

@@ -1,13 +1,13 @@
 """
-Turn CIFAR-10 (or any folder of class sub-folders) into the tensors train.py reads,
-once, so that training never decodes an image or runs the VAE.
+Turn CIFAR-10 (or any folder of class sub-folders) into the tensors train.py reads, once, so that training never
+decodes an image or runs the VAE.
 
     python prepare_cifar.py                                   # CIFAR-10 -> latents of the 16-channel VAE
     python prepare_cifar.py --vae=none                        # CIFAR-10 -> uint8 pixels
     python prepare_cifar.py --source=path/to/folder --vae=none --image_size=64
 
-Writes data/<name>/train.pt, test.pt ({'x': tensor, 'labels': int64 tensor}) and meta.json.
-A folder with train/ and test/ sub-folders gives both splits, one of class sub-folders a train split.
+Writes data/<name>/train.pt, test.pt ({'x': tensor, 'labels': int64 tensor}) and meta.json. A folder with train/ and
+test/ sub-folders gives both splits, one of class sub-folders a train split.
 """
 
 import json
@@ -17,11 +17,11 @@ import time
 import numpy as np
 import torch
 
-from data import IMAGE_EXTENSIONS, encode, load_cifar10, load_vae, read_images, resize_crop, to_model_space, vae_scaling
+from data import (IMAGE_EXTENSIONS, encode, image_files, load_cifar10, load_vae, read_images, resize_crop,
+                  to_model_space, vae_scaling)
 from runtime import DataError, fail, pick_device, progress, save_torch, write_folder
 
-# -----------------------------------------------------------------------------
-# default config values
+# --- default config values --------------------------------------------------------------------------------------------
 source = "cifar10"  # 'cifar10' (downloaded with torchvision) or a folder with one sub-folder per class
 download_dir = "data/downloads"  # where torchvision keeps the CIFAR-10 download
 image_size = 32  # images are resized (shorter side) and centre-cropped to this size when they differ
@@ -35,8 +35,6 @@ device = "auto"  # where the VAE runs: 'auto' (a GPU if there is one, else the C
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 device = pick_device(device)[0]
-# -----------------------------------------------------------------------------
-
 
 def take_subset(labels, n):
     """Indices of the first n images, round-robin over classes so that every class appears."""
@@ -46,11 +44,9 @@ def take_subset(labels, n):
     order = [pc[rank] for rank in range(max(map(len, per_class))) for pc in per_class if rank < len(pc)]
     return np.sort(np.array(order[:n]))
 
-
 def load_cifar10_splits():
     """{'train': (uint8 images (N, 3, H, W), labels), 'test': ...}, class names."""
     from PIL import Image
-
     splits = {}
     for split in ["train", "test"]:
         images, labels, classes = load_cifar10(download_dir, split)
@@ -62,21 +58,19 @@ def load_cifar10_splits():
         splits[split] = (images, labels[keep])
     return splits, classes
 
-
 def load_folder_split(folder, classes, what):
     """The images of folder/<class>/ for every class -> (uint8 images, labels)."""
     files, labels = [], []
     for label, name in enumerate(classes):
         if not os.path.isdir(os.path.join(folder, name)):
             raise DataError(f"{folder} has no sub-folder '{name}', but the train split has that class")
-        names = sorted(f for f in os.listdir(os.path.join(folder, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
-        files += [os.path.join(folder, name, f) for f in names]
-        labels += [label] * len(names)
+        found = image_files(os.path.join(folder, name))
+        files += found
+        labels += [label] * len(found)
     if not files:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class sub-folders")
     keep = take_subset(np.array(labels), subset)
     return read_images([files[i] for i in keep], image_size, what), torch.tensor(labels)[keep]
-
 
 def load_folder():
     """{'train': ..., 'test': ...} (test only with train/ and test/ sub-folders), class names."""
@@ -91,7 +85,6 @@ def load_folder():
         raise DataError(f"{train_dir} has no class sub-folders; expected {train_dir}/<class name>/<image files>")
     return {split: load_folder_split(folder, classes, split) for split, folder in split_dirs.items()}, classes
 
-
 def encode_split(vae_model, images, labels, what, with_flips):
     """Latents of the images (and of their mirror images), float32 on the CPU."""
     batches, t0 = [], time.time()
@@ -104,12 +97,10 @@ def encode_split(vae_model, images, labels, what, with_flips):
     print(f"encoded {what}: {bar.n} images in {time.time() - t0:.1f} s")
     return torch.cat(batches), labels.repeat(len(views))
 
-
 def default_name(source_name):
     parts = [source_name] + (["pixels"] + ([str(image_size)] if image_size != 32 else []) if vae == "none"
                              else [os.path.basename(os.path.normpath(vae)), str(image_size)])
     return "_".join(parts + ([f"subset{subset}"] if subset else []))
-
 
 # -----------------------------------------------------------------------------
 t_start = time.time()
@@ -149,13 +140,11 @@ else:
 meta["counts"] = {split: len(t["labels"]) for split, t in tensors.items()}
 meta["dtype"] = str(tensors["train"]["x"].dtype).replace("torch.", "")
 
-
 def write(tmp_dir):
     for split, blob in tensors.items():
         save_torch(blob, os.path.join(tmp_dir, f"{split}.pt"))
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
-
 
 final_dir = os.path.join(data_dir, name)
 try:

@@ -1,7 +1,6 @@
 """
-What every script runs on besides the model and the data: user errors as one line, progress bars, the device (autocast
-dtype, torch.compile, peak FLOP/s), the processes under torchrun and how they fail together, writes that never leave
-half a file, and MLflow.
+What every script runs on besides the model and the data: one-line user errors, progress bars, the device, the processes
+under torchrun and how they fail together, writes that never leave half a file, and MLflow.
 """
 
 import io
@@ -13,43 +12,32 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-
 class DataError(RuntimeError):
-    """A problem with what the user gave (data, a checkpoint, a VAE, a full disk); its message says what to do."""
-
+    """A problem with what the user gave (data, a checkpoint, a VAE, a full disk); the message says what to do."""
 
 def one_line(error, limit=200):
     """An exception as one short line, for messages that must fit on one line."""
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:limit]}" if text else type(error).__name__
 
-
 def fail(message):
     """End the program on a user error: one line on stderr, exit status 1."""
     sys.exit(f"error: {message}")
-
 
 def warn(message):
     """One line on stderr about something the program goes on without."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
-
 def progress(total, what):
     """A progress bar on stderr with the rate and time left, in a terminal only (none in logs) and on rank 0 only."""
     from tqdm import tqdm
-
     return tqdm(total=total, desc=what, unit="img", disable=None if rank_and_world()[0] == 0 else True, leave=False)
 
-
-# -----------------------------------------------------------------------------
-# The device
-
+# --- the device -------------------------------------------------------------------------------------------------------
 
 def pick_device(device="auto", dtype="auto"):
-    """(device, dtype, why) with 'auto' resolved. The device: a GPU if there is one (CUDA, else Apple's MPS), else the
-    CPU. The dtype: bfloat16 autocast where the hardware computes it natively, a CUDA GPU or a CPU with AMX or
-    AVX512-BF16 units (1.3x-1.7x faster than float32 for config/train_cifar_cpu.py), else float32 (a CPU without them
-    emulates bf16, slower than float32). why says which, and why, in a few words for the log."""
+    """(device, dtype, why) with 'auto' resolved: a GPU if there is one, else the CPU; bfloat16 where the hardware has
+    it (a CUDA GPU, a CPU with AMX or AVX512-BF16: 1.3-1.7x faster), else float32 (emulated bf16 is slower still)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if dtype != "auto":
@@ -62,28 +50,22 @@ def pick_device(device="auto", dtype="auto"):
     why = "this CPU has no AMX or AVX512-BF16 units" if device == "cpu" else f"no bf16 autocast on {device} here"
     return device, "float32", f"float32: {why}"
 
-
 def autocast_context(device, dtype):
     """bf16 autocast on the device for dtype 'bfloat16', nothing otherwise (float32)."""
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
-
 def compile_model(model, device):
-    """torch.compile(model). On a CPU, without Inductor's horizontal fusion of kernels: on an AVX-512 Xeon (Emerald
-    Rapids) it made NaN gradients in bf16 for 64-token models (README, Performance)."""
+    """torch.compile(model), on a CPU without Inductor's horizontal fusion: it made NaN bf16 gradients on a Xeon."""
     if device.startswith("cpu"):
         import torch._inductor.config
-
         torch._inductor.config.cpp.max_horizontal_fusion_size = 0
     return torch.compile(model)
-
 
 # Dense bf16 matmul peak of known GPUs (datasheet numbers, FLOP/s), for MFU.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12,
                   "A10": 125e12}
-
 
 def gpu_peak_flops(device):
     """Peak bf16 FLOP/s of the device's GPU, e.g. 'NVIDIA H100 80GB HBM3'; None if unknown or not a CUDA GPU."""
@@ -91,14 +73,10 @@ def gpu_peak_flops(device):
         return None
     return next((flops for name, flops in GPU_PEAK_FLOPS.items() if name in torch.cuda.get_device_name(device)), None)
 
-
-# -----------------------------------------------------------------------------
-# Processes: one, or several under torchrun
-
+# --- processes: one, or several under torchrun ------------------------------------------------------------------------
 
 def start_processes(device):
-    """(device, rank, number of processes). Under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE) this joins the
-    process group, NCCL on GPUs (one each) and gloo on CPUs; without it, (device, 0, 1)."""
+    """(device, rank, number of processes), joining the process group under torchrun: NCCL on GPUs, gloo on CPUs."""
     if "RANK" not in os.environ:
         return device, 0, 1
     if device.startswith("cuda"):
@@ -107,10 +85,9 @@ def start_processes(device):
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return device, dist.get_rank(), dist.get_world_size()
 
-
 def end_processes(code, message=""):
-    """Exit with code (after one error line, given a message). Under torchrun leave the process group, then exit
-    without interpreter teardown: it aborts (SIGABRT) if gloo's threads still free the last collective's tensors."""
+    """Exit with code, after one error line if given a message. Under torchrun, leave the process group and skip the
+    interpreter's teardown: it aborts (SIGABRT) if gloo's threads still free the last collective's tensors."""
     if message:
         print(f"error: {message}", file=sys.stderr, flush=True)
     if dist.is_initialized():
@@ -120,17 +97,13 @@ def end_processes(code, message=""):
         os._exit(code)
     sys.exit(code)
 
-
 def rank_and_world():
     """(this process's rank, the number of processes): (0, 1) without torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
-
 def first_problem(problem, device="cpu"):
-    """How every process fails together: each says what went wrong for it (a message, or None), and all learn the
-    answer (a collective under torchrun). None if no process had a problem; else the problem of the lowest rank that
-    had one in that process, and '' in the others, so that all stop (or go on without something) together and one
-    line says why."""
+    """How every process fails together: each says what went wrong for it (a message, or None); all get None if none
+    had a problem, else the lowest failing rank's problem there and '' elsewhere: all stop, and one line says why."""
     rank, world = rank_and_world()
     failed = torch.tensor([world if problem is None else rank], device=device)
     if world > 1:
@@ -139,24 +112,20 @@ def first_problem(problem, device="cpu"):
         return None
     return problem if failed.item() == rank else ""
 
-
-# -----------------------------------------------------------------------------
-# Writes: a file is either the old one or the new one, never half of one
-
+# --- writes: a file is either the old one or the new one, never half of one -------------------------------------------
 
 def save_file(path, write):
-    """write(tmp) writes a temporary file beside path (same extension), which then replaces path in one rename. If the
-    write fails (a full disk, a file-size limit), the temporary file is removed, path is left as it was, and a
-    DataError says why."""
+    """write(tmp) fills a temporary file beside path (its folder made) that then replaces it in one rename. A failed
+    write (a full disk) removes the temporary file, leaves path as it was, and becomes a DataError that says why."""
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise DataError(f"could not write {path} ({e.strerror or one_line(e)})") from e
-
 
 def save_torch(obj, path):
     """torch.save(obj, path), serialised in memory first: torch's own file writer reports a full disk as 'unexpected
@@ -166,12 +135,9 @@ def save_torch(obj, path):
     with open(path, "wb") as f:
         f.write(buffer.getbuffer())
 
-
 def write_folder(final_dir, write):
-    """write(tmp_dir) fills a temporary folder that then replaces final_dir in one rename, so a failed or interrupted
-    run leaves the previous output as it was; a write the disk refuses becomes a DataError that says why."""
+    """save_file for a folder: a failed or interrupted run leaves the previous final_dir as it was."""
     parent = os.path.dirname(os.path.abspath(final_dir))
-    os.makedirs(parent, exist_ok=True)
     tmp_dir = os.path.join(parent, f".tmp-{os.path.basename(final_dir)}-{os.getpid()}")
     old_dir = os.path.join(parent, f".old-{os.path.basename(final_dir)}-{os.getpid()}")
     try:
@@ -187,27 +153,20 @@ def write_folder(final_dir, write):
         shutil.rmtree(tmp_dir, ignore_errors=True)
         shutil.rmtree(old_dir, ignore_errors=True)
 
-
-# -----------------------------------------------------------------------------
-# MLflow: imported where it is used (it takes seconds), and never the reason a run stops
-
+# --- MLflow: imported where it is used (it takes seconds), and never the reason a run stops ---------------------------
 
 def mlflow_tracking(uri=""):
-    """(the mlflow module, the tracking URI): uri, else $MLFLOW_TRACKING_URI, else MLflow's default local store,
-    mlflow.db in this folder, by its absolute path (the URI printed works from anywhere); set to fail fast (no retries,
-    10 s timeout) so that a dead server costs nothing."""
+    """(mlflow, the tracking URI): uri, else $MLFLOW_TRACKING_URI, else mlflow.db in this folder by its absolute path
+    (so the URI printed works anywhere); no retries and a 10 s timeout, so that a dead server costs nothing."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
-
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.abspath('mlflow.db')}"
     mlflow.set_tracking_uri(uri)
     return mlflow, uri
 
-
 class MLflowLog:
-    """mlflow.<method>(...) as log(method, ...), on rank 0 only: the first failure warns once and turns logging off,
-    so that a missing package or a dead server never stops training."""
+    """mlflow.<method>(...) as log(method, ...) on rank 0; a failure warns once and turns logging off: never a stop."""
 
     def __init__(self, enabled, uri=""):
         self.mlflow, self.uri = None, uri

@@ -6,9 +6,8 @@ Generate images from a checkpoint made by train.py.
     python sample.py --ckpt=out/ckpt.pt --classes=all --trajectory=True
     python sample.py config/sample_grid.py          # a config file can hold the class list
 
-Writes out_dir/<class>_<index>.png for every image, grid.png (one row per requested
-class, its name on the left) and, with --trajectory=True, trajectory.png.
-train.py's sample grids and fid.py's samples are made here too: one code path.
+Writes out_dir/<class>_<index>.png for every image, grid.png (a row per class) and, with --trajectory=True,
+trajectory.png. train.py's sample grids and fid.py's samples are made here too: one code path.
 """
 
 import os
@@ -23,8 +22,7 @@ from data import load_vae, to_images
 from model import SAMPLERS, generate
 from runtime import DataError, autocast_context, compile_model, fail, pick_device, progress, write_folder
 
-# -----------------------------------------------------------------------------
-# default config values
+# --- default config values --------------------------------------------------------------------------------------------
 ckpt = ""  # a checkpoint written by train.py (ckpt.pt or best.pt); '' = the newest out*/ckpt.pt in this folder
 classes = "all"  # class ids or names, comma-separated ('3,5', 'cat,dog', '3,3,3'), or 'all'
 num_per_class = 8  # images per requested class: the columns of grid.png
@@ -45,7 +43,6 @@ dtype = "auto"  # autocast dtype: 'bfloat16' or 'float32' ('auto': bfloat16 wher
 compile = False  # torch.compile the model (pays off for thousands of images)
 # -----------------------------------------------------------------------------
 
-
 def parse_classes(text, names):
     """'3,5' / 'cat,dog' / 'all' -> list of class ids (repeats kept)."""
     if text.strip() == "all":
@@ -61,7 +58,6 @@ def parse_classes(text, names):
             raise DataError(f"unknown class '{token}'; valid classes: {valid}, or 'all'")
     return ids
 
-
 def sampler_settings(sampler, steps, cfg_scale, eta=0.0):
     """The keyword arguments of generate() for these settings; ValueError if they do not fit."""
     if sampler not in SAMPLERS:
@@ -72,14 +68,10 @@ def sampler_settings(sampler, steps, cfg_scale, eta=0.0):
         raise ValueError(f"eta is DDIM's noise and {sampler} is deterministic; use --sampler=ddim or --eta=0")
     return dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, eta=eta)
 
-
 @torch.no_grad()
 def sample_images(model, schedule, meta, labels, vae=None, seed=0, batch_size=256, autocast=nullcontext(), indices=None,
                   trajectory=False, **sampling):
-    """uint8 images (N, 3, H, W) on the CPU of the images numbered indices (default 0, 1, ...) with these class ids,
-    decoded through the VAE for latent models; sampling is sampler_settings(...). Image i depends only on seed, i and
-    its label, so a large set can be made in pieces. With trajectory, (images, path): model.generate's path, each entry
-    decoded to images too."""
+    """uint8 images on the CPU (model.generate, decoded); sampling: sampler_settings(...); trajectory adds the path."""
     with autocast, progress(len(labels), "sampling") as bar:
         out = generate(model, schedule, labels, meta["shape"], seed, batch_size, indices, clip_x0=meta.get("clip_x0"),
                        trajectory=trajectory, bar=bar, **sampling)
@@ -88,13 +80,10 @@ def sample_images(model, schedule, meta, labels, vae=None, seed=0, batch_size=25
     samples, path = out
     return to_images(samples, meta, vae, batch_size), {k: [to_images(x, meta, vae) for x in v] for k, v in path.items()}
 
-
 def labelled_rows(images, row_names, ncol):
-    """uint8 images (N, 3, H, W) -> one HWC uint8 grid (torchvision's make_grid: white 2-pixel gaps), ncol images per
-    row, each row's name in a margin on its left."""
+    """uint8 images (N, 3, H, W) -> an HWC uint8 grid of ncol columns, each row's name in a margin on its left."""
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
-
     grid = Image.fromarray(make_grid(images, nrow=ncol, padding=2, pad_value=255).permute(1, 2, 0).numpy())
     font = ImageFont.load_default()
     margin = 6 + max(int(ImageDraw.Draw(grid).textlength(name, font=font)) for name in row_names)
@@ -102,16 +91,13 @@ def labelled_rows(images, row_names, ncol):
     canvas.paste(grid, (margin, 0))
     draw = ImageDraw.Draw(canvas)
     for row, name in enumerate(row_names):  # each name centred on its row of images
-        draw.text((3, 2 + row * (images.shape[2] + 2) + images.shape[2] // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
+        middle = 2 + row * (images.shape[2] + 2) + images.shape[2] // 2
+        draw.text((3, middle), name, fill=(0, 0, 0), font=font, anchor="lm")
     return np.asarray(canvas)
 
-
 def save_png(image_hwc, path):
-    """Write a uint8 (H, W, 3) array as a PNG file."""
     from PIL import Image
-
     Image.fromarray(image_hwc).save(path, format="PNG")
-
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -131,7 +117,6 @@ if __name__ == "__main__":
     print(f"sampling on {device} in {why}")
     net = compile_model(model, device) if compile else model
     names = [meta["classes"][c] for c in class_ids]
-
     t0 = time.time()
     labels = torch.tensor(class_ids).repeat_interleave(num_per_class)  # row by row
     images = sample_images(net, schedule, meta, labels, decoder, seed, batch_size, autocast, **sampling)
@@ -159,5 +144,4 @@ if __name__ == "__main__":
         fail(str(e))
     print(f"{len(images)} images of {', '.join(dict.fromkeys(names))} in {seconds:.1f} s ({len(images) / seconds:.1f} "
           f"images/s, {sampler} {steps} steps, cfg_scale {cfg_scale}, {'EMA' if use_ema else 'raw'} weights) -> "
-          f"{out_dir}/grid.png"
-          + (f", {out_dir}/trajectory.png ({trajectory_show})" if trajectory else ""))
+          f"{out_dir}/grid.png" + (f", {out_dir}/trajectory.png ({trajectory_show})" if trajectory else ""))

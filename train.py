@@ -31,8 +31,7 @@ from runtime import (DataError, MLflowLog, autocast_context, compile_model, end_
                      gpu_peak_flops, pick_device, save_file, start_processes, warn)
 from sample import labelled_rows, sample_images, sampler_settings, save_png
 
-# -----------------------------------------------------------------------------
-# default config values: together they are the full config (python train.py --help lists them)
+# --- default config values: together the full config (python train.py --help lists them) ------------------------------
 # I/O
 out_dir = "out"  # checkpoints, sample grids
 data_dir = "data"  # where prepare_cifar.py wrote the datasets
@@ -84,9 +83,8 @@ weight_decay = 0.0  # decoupled weight decay on matrices, AdamW and Muon alike (
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
-ema_decay = 0.9999  # EMA of the weights. At iteration n the decay is min(ema_decay, (1+n)/(10+n)), so ema_decay
-# only takes over after 9/(1-ema_decay) - 10 iterations (8,990 for 0.999, 89,990 for 0.9999); until then the average
-# spans about the last 11% of the iterations, whatever ema_decay says
+ema_decay = 0.9999  # EMA of the weights; the decay at iteration n is min(ema_decay, (1+n)/(10+n)), so until iteration
+# 9/(1-ema_decay) - 10 (8,990 for 0.999) the average spans about the last 11% of the iterations, whatever ema_decay says
 # system
 device = "auto"  # 'auto' (a GPU if there is one, else the CPU), or e.g. 'cuda:1', 'cpu'
 dtype = "auto"  # autocast dtype: 'bfloat16' or 'float32' ('auto': bfloat16 where the hardware computes it natively)
@@ -101,19 +99,16 @@ mlflow_run_name = ""  # '' lets MLflow pick one
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 config = {k: globals()[k] for k in config_keys}  # everything above, as finally set
-# -----------------------------------------------------------------------------
 
-# --- processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for DDP ---------------------
+# --- processes: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE for DDP -------------------------------------------------
 device_given, (device, dtype, why) = device != "auto", pick_device(device, dtype)
 device, rank, world_size = start_processes(device)
 ddp, master = dist.is_initialized(), rank == 0  # only rank 0 logs, samples and writes
 device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 data_path, ckpt_path = os.path.join(data_dir, dataset), os.path.join(out_dir, "ckpt.pt")
 
-
 def hours_on_this_cpu(model_config):
-    """How long max_iters would take here: one training step of two images, timed after one untimed, scaled to all
-    the images of the run (a CPU's time grows with the batch)."""
+    """Hours that max_iters would take here: a training step of two images (after one untimed), scaled to the run."""
     probe, x = DiT(model_config), torch.randn(2, *meta["shape"])
     for repeat in range(2):
         t0 = time.time()
@@ -121,8 +116,7 @@ def hours_on_this_cpu(model_config):
             diffusion_loss(probe, schedule, x, torch.zeros(2, dtype=torch.long)).backward()
     return (time.time() - t0) / 2 * batch_size * max_iters / 3600
 
-
-# --- the settings, the data's shape and the checkpoint: all checked before anything is read in full or written ------
+# --- the settings, the data's shape and the checkpoint: all checked before anything is read in full or written --------
 try:
     if batch_size % (world_size * gradient_accumulation_steps):
         raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} processes x "
@@ -133,8 +127,8 @@ try:
         if globals()[key] not in allowed:
             raise ValueError(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
     if fid_interval % eval_interval:
-        raise ValueError(f"fid_interval {fid_interval} is not a multiple of eval_interval {eval_interval} (FID runs "
-                         "at evaluations)")
+        raise ValueError(f"fid_interval {fid_interval} is not a multiple of eval_interval {eval_interval} (FID runs at "
+                         "evaluations)")
     autocast = autocast_context(device, dtype)
     params = dict(start=schedule_start, end=schedule_end, tau=schedule_tau, clip_min=schedule_clip_min)
     schedule = get_noise_schedule(noise_schedule, input_scale, **{k: v for k, v in params.items() if v is not None})
@@ -162,7 +156,7 @@ except (DataError, ValueError) as e:
     fail(str(e))
 micro_batch = batch_size // (world_size * gradient_accumulation_steps)  # per process, per micro-step
 
-# --- set-up: the data on the device; the model, its EMA copy and the optimizers ---------------
+# --- set-up: the data on the device; the model, its EMA copy and the optimizers ---------------------------------------
 torch.manual_seed(seed)  # the same initial weights on every process
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # float32 matmuls outside autocast
@@ -171,17 +165,14 @@ x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val
 if meta["kind"] == "latents":  # normalise once; pixels stay uint8 (4x smaller) until batched
     x_train, x_val = to_model_space(x_train, meta), to_model_space(x_val, meta)
 
-
 def get_lr(it, decay_end):
-    """Linear warm-up from 0 over warmup_iters, then a half cosine from learning_rate down to min_lr at decay_end (or
-    learning_rate throughout, with lr_decay='constant')."""
+    """Linear warm-up over warmup_iters, then a half cosine to min_lr at decay_end (lr_decay='constant': none)."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if lr_decay == "constant":
         return learning_rate
     progress = min(1.0, (it - warmup_iters) / max(1, decay_end - warmup_iters))
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
 
 model = DiT(model_config).to(device)
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use the EMA
@@ -203,9 +194,8 @@ if checkpoint is not None:
              f"learning rate jumps from {get_lr(iter_num, old_end):.2e} to {get_lr(iter_num, new_end):.2e}; pass "
              f"--lr_decay_iters={old_end} to keep the old schedule")
 # Random streams: micro-step k of process r draws its batch and noise from stream r * A + k (A accumulation steps), so
-# an iteration sees the same images and noise however it is split over processes and micro-steps: 2 processes x 1 step
-# train as 1 process x 2 steps, and resume is exact whenever processes x steps stays the same. The global generators
-# (dropout) differ from process to process, and go on where they were when the number of processes stays the same.
+# an iteration sees the same images and noise however it is split (2 processes x 1 step train as 1 x 2), and resume is
+# exact while processes x steps stays the same. The global generators (dropout) differ by process.
 A, saved_rng = gradient_accumulation_steps, checkpoint["rng"] if checkpoint is not None else []
 streams = [torch.Generator(device).manual_seed(seed + rank * A + k + 1_000_003 * iter_num) for k in range(A)]
 torch.manual_seed(seed + rank + iter_num)
@@ -261,16 +251,11 @@ run = log_mlflow("start_run", run_id=mlflow_run_id, run_name=mlflow_run_name or 
 if run:
     mlflow_run_id = run.info.run_id
     log_mlflow("log_params", {k: str(v)[:500] for k, v in config.items() if k not in run.data.params})  # resumed
-    print(f"MLflow: run {mlflow_run_id} at {log_mlflow.uri} (see it with: mlflow ui --backend-store-uri "
-          f"{log_mlflow.uri})")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-
+    print(f"MLflow: run {mlflow_run_id} (see it with: mlflow ui --backend-store-uri {log_mlflow.uri})")
 
 @torch.no_grad()
 def validation_loss(net):
-    """Mean loss over eval_iters test batches; a fixed generator makes every eval see the
-    same images, times and noise, so the numbers are comparable from eval to eval."""
+    """Mean loss over eval_iters test batches, the same images, times and noise at every eval (a fixed generator)."""
     was_training = net.training
     net.eval()
     generator = torch.Generator(device).manual_seed(seed)
@@ -282,7 +267,6 @@ def validation_loss(net):
     net.train(was_training)
     return losses.mean().item()
 
-
 def rng_states_of_all_processes():
     """Every process's CPU and CUDA generator states (a collective: all processes call it)."""
     state = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None,
@@ -292,7 +276,6 @@ def rng_states_of_all_processes():
         dist.all_gather_object(states, state)
     return states
 
-
 def save_checkpoint(path, rng_states):
     """The run as it stands (checkpoint.py's format); a DataError that says why if it cannot be written."""
     write_checkpoint(path, model=raw_model.state_dict(), ema=ema_model.state_dict(),
@@ -300,11 +283,9 @@ def save_checkpoint(path, rng_states):
                      rng=rng_states, mlflow_run_id=mlflow_run_id, evals_without_improvement=evals_without_improvement,
                      config=config, meta=meta, model_config=asdict(model_config), noise_schedule=asdict(schedule))
 
-
-# Preemption: SIGTERM (how SLURM, Kubernetes and spot instances stop a job) and Ctrl-C ask the
-# loop to stop after its current step, save ckpt.pt and exit; a second Ctrl-C stops at once.
+# SIGTERM (how SLURM, Kubernetes and spot instances stop a job) and Ctrl-C ask the loop to stop after its current step,
+# save ckpt.pt and exit; a second Ctrl-C stops at once.
 stop_signal = None
-
 
 def request_stop(signum, frame):
     global stop_signal
@@ -312,11 +293,10 @@ def request_stop(signum, frame):
         raise KeyboardInterrupt
     stop_signal = signum
 
-
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGINT, request_stop)
 
-# --- the loop --------------------------------------------------------------------------------
+# --- the loop ---------------------------------------------------------------------------------------------------------
 ema_params, model_params = list(ema_model.parameters()), list(raw_model.parameters())
 flops_per_iter = raw_model.flops_per_image(training=True) * batch_size
 peak = peak_flops or gpu_peak_flops(device)
@@ -339,8 +319,7 @@ while iter_num < max_iters:
                 loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout, stream) / A
             loss.backward()
         loss_sum += loss.detach()
-    # 3. clip, step, and the EMA: ema += (1 - decay) * (w - ema) for all weights at once; early
-    #    on the decay is (1 + n) / (10 + n), so the EMA follows the weights
+    # 3. clip, step, and the EMA, ema += (1 - decay) * (w - ema) for all weights at once
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for o in optimizers:
@@ -352,9 +331,8 @@ while iter_num < max_iters:
     last = iter_num == max_iters
     log_step, eval_step = iter_num % log_interval == 0 or last, iter_num % eval_interval == 0 or last
 
-    # 4. at log steps, evaluations and stop requests: is everything still finite, and does anyone want to stop? Every
-    #    process says, and all act on the answer together (under DDP a stop request waits for the next log step).
-    #    This check, the log line and evaluations are the only host syncs.
+    # 4. at log steps, evaluations and stop requests: is everything finite, does anyone want to stop? All processes act
+    #    on the answer together (a stop request under DDP waits for a log step). With 5 and 7, the only host syncs.
     if log_step or eval_step or (stop_signal is not None and not ddp):
         finite = torch.stack([t.isfinite().all() for t in (loss_sum, *model_params, *ema_params)]).all()
         flags = torch.stack([torch.tensor(float(stop_signal is not None), device=device), (~finite).float()])
@@ -444,7 +422,7 @@ while iter_num < max_iters:
             break
         t_log += time.time() - t_eval  # evaluation is not training time
 
-# --- the end: what went wrong, if anything, in one line; and under DDP, the same weights everywhere ------------------
+# --- the end: what went wrong, if anything, in one line; and under DDP, the same weights everywhere -------------------
 kept = f"{ckpt_path} (iter {saved_iter}) is the last good checkpoint" if saved_iter else "no checkpoint was written"
 error = None
 if diverged:  # nothing non-finite was saved
@@ -461,8 +439,7 @@ elif ddp and not stopping:  # every process must end with the same weights: a ch
     more = f" and {len(differ) - 2} more" if len(differ) > 2 else ""
     if differ:
         error = (f"the weights differ between the {world_size} processes at the end ({', '.join(differ[:2])}{more}): "
-                 f"DDP did not keep them in step, so {ckpt_path} holds rank 0's alone; this is a bug, not a setting: "
-                 "please report it")
+                 f"DDP did not keep them in step, so {ckpt_path} holds rank 0's alone; a bug, please report it")
     elif master:
         print(f"weights identical on all {world_size} processes")
 log_mlflow("end_run", status="FAILED" if error else "KILLED" if stopping else "FINISHED")  # a no-op off rank 0

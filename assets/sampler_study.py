@@ -34,16 +34,13 @@ labels = torch.arange(args.num) % meta["num_classes"]
 x_T = draw(noise_streams(range(args.num), seed=0), meta["shape"])
 common = dict(cfg_scale=args.cfg_scale, clip_x0=meta.get("clip_x0"))
 
-
 def run(sampler, **kwargs):
     t0 = time.time()
     out = torch.cat([sampler(model, schedule, x_T[i : i + 250], labels[i : i + 250], **common, **kwargs) for i in range(0, args.num, 250)])
     return out, time.time() - t0
 
-
 def distance(a, b):
     return (a - b).square().flatten(1).mean(1).sqrt().mean().item()
-
 
 def sampler(times, second_order):
     """solve() on the time grid times(schedule, steps), first or second order (model.SAMPLERS holds the named ones)."""
@@ -51,7 +48,6 @@ def sampler(times, second_order):
     def sample(model, schedule, x_T, y, steps, **kwargs):
         return solve(model, schedule, x_T, y, times(schedule, steps), second_order=second_order, **kwargs)
     return sample
-
 
 ddim_sample, dpm_solver_sample = sampler(*SAMPLERS["ddim"]), sampler(*SAMPLERS["dpm++2m"])
 reference, seconds = run(dpm_solver_sample, steps=args.reference_steps)

@@ -17,12 +17,10 @@ for key in [k for k in os.environ if k.startswith("MLFLOW_")]:
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["HF_HUB_OFFLINE"] = "1"  # a VAE that is not on disk fails at once instead of asking the hub (read at import)
 
-
 @pytest.fixture(autouse=True)
 def seeded():
     """Every test starts from the same random state, so that a tolerance that holds once holds always."""
     torch.manual_seed(0)
-
 
 def tiny_config(**overrides):
     from model import DiTConfig
@@ -30,7 +28,6 @@ def tiny_config(**overrides):
     config = dict(input_size=8, in_channels=3, patch_size=2, n_layer=2, n_head=2, n_embd=32, num_classes=2)
     config.update(overrides)
     return DiTConfig(**config)
-
 
 def randomize_(model, scale=0.2, seed=0):
     """Overwrite every parameter with random values, so that the zero-initialised gates
@@ -41,11 +38,9 @@ def randomize_(model, scale=0.2, seed=0):
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     return model
 
-
 @pytest.fixture
 def repo():
     return REPO
-
 
 def run_script(script, *args, cwd, env=None, process=False):
     """Run one of the repo's scripts as a user would, from directory cwd, with the variables env added to the environment,
@@ -90,7 +85,6 @@ def run_script(script, *args, cwd, env=None, process=False):
         gc.collect()
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
-
 def assert_clean_failure(proc, *fragments):
     """A user error: non-zero exit, one line on stderr that names the problem, no traceback."""
     assert proc.returncode != 0, proc.stdout
@@ -99,7 +93,6 @@ def assert_clean_failure(proc, *fragments):
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
 
 def make_image_folder(root, classes=("cat", "dog", "frog"), per_class=4, size=8, splits=("train", "test"), seed=0):
     """Tiny PNG images in root/<split>/<class>/NNN.png (root/<class>/ when splits is empty).
@@ -124,7 +117,6 @@ def make_image_folder(root, classes=("cat", "dog", "frog"), per_class=4, size=8,
         out[split or "train"] = (torch.stack(images), torch.tensor(labels))
     return out
 
-
 def make_tiny_vae(path, latent_channels=4, scaling_factor=0.5, shift_factor=0.1):
     """A diffusers AutoencoderKL with random weights (f2: 8x8 images -> 4x4 latents), saved
     so that from_pretrained(path) runs the real loading code."""
@@ -140,7 +132,6 @@ def make_tiny_vae(path, latent_channels=4, scaling_factor=0.5, shift_factor=0.1)
     vae.save_pretrained(path)
     return vae.eval()
 
-
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """data/tiny made by prepare_cifar.py from generated 8x8 PNGs: 3 classes, 8 train and
@@ -153,13 +144,11 @@ def tiny_dataset(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr
     return root / "data"
 
-
 @pytest.fixture
 def cwd(tiny_dataset, tmp_path):
     """A fresh folder with the tiny dataset in data/tiny."""
     os.symlink(tiny_dataset, tmp_path / "data")
     return tmp_path
-
 
 TINY_TRAIN = [
     "--patch_size=2", "--batch_size=16", "--learning_rate=3e-3", "--flip=False", "--log_interval=10",
@@ -168,7 +157,6 @@ TINY_TRAIN = [
 # train.py on the tiny dataset: 8x8 pixels, patch 2 -> 16 tokens
 TINY = [os.path.join(REPO, "config", "train_debug.py"), "--data_dir=data", "--dataset=tiny", *TINY_TRAIN, "--eval_interval=20"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
 
 def start(cwd, *args, torchrun=(), script="train.py", tiny=True, env=None):
     """A script (under torchrun with its arguments) as a running process whose output (stderr merged in) can be read
@@ -181,7 +169,6 @@ def start(cwd, *args, torchrun=(), script="train.py", tiny=True, env=None):
                              *(TINY if tiny else []), *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
-
 def wait_for(proc, text):
     """The output lines up to and including the first that holds text."""
     lines = []
@@ -191,14 +178,12 @@ def wait_for(proc, text):
             return "".join(lines)
     raise AssertionError(f"{text!r} never came:\n" + "".join(lines)[-3000:])
 
-
 def free_port():
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_dataset):
@@ -212,7 +197,6 @@ def tiny_run(tiny_dataset):
     )
     assert proc.returncode == 0, proc.stderr
     return root, proc
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_run):
@@ -241,14 +225,12 @@ def random_fid_weights(seed=0):
             t.copy_(0.01 * torch.randn(t.shape, generator=g))
     return state_dict
 
-
 @pytest.fixture(scope="session")
 def random_inception_weights(tmp_path_factory):
     """A .pth of random FID-Inception weights: for tests of the wiring, where the real weights' numbers do not matter."""
     path = tmp_path_factory.mktemp("inception") / "random_fid_inception.pth"
     torch.save(random_fid_weights(), path)
     return path
-
 
 @pytest.fixture(scope="session")
 def nvidia_weights():

@@ -6,7 +6,6 @@ from conftest import REPO, assert_clean_failure, run_script
 
 ROW = r"\| {what} \| {batch} \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.e+-]+) \| - \| - \|"
 
-
 def bench(tmp_path, steps):
     started = time.time()
     proc = run_script(
@@ -16,7 +15,6 @@ def bench(tmp_path, steps):
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, time.time() - started
-
 
 def test_bench_on_cpu_with_a_train_config(tmp_path):
     """Its numbers against an independent clock and the model's own FLOP count: the timed steps fit in the process's
@@ -44,7 +42,6 @@ def test_bench_on_cpu_with_a_train_config(tmp_path):
         raise AssertionError(f"40 more steps of {ms} ms made the process {long_wall - short_wall:.2f} s longer (the last of 3 tries)")
     flops = DiT(DiTConfig(input_size=16, patch_size=4, n_layer=2, n_head=4, n_embd=128, num_classes=10)).flops_per_image()
     assert abs(tflops / (flops * images_per_sec / 1e12) - 1) < 0.01, (tflops, flops)
-
 
 def test_bench_errors(tmp_path):
     proc = run_script("bench.py", "--dataset=unknown", cwd=tmp_path)

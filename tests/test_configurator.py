@@ -19,7 +19,6 @@ exec(open({os.path.join(REPO, 'configurator.py')!r}).read())
 print('CONFIG=' + repr({{k: globals()[k] for k in config_keys}}))
 """
 
-
 @pytest.fixture
 def run(tmp_path):
     script = tmp_path / "script.py"
@@ -34,7 +33,6 @@ def run(tmp_path):
         return proc, config
 
     return run
-
 
 def test_defaults_and_overrides(run, tmp_path):
     proc, config = run()
@@ -57,13 +55,11 @@ def test_defaults_and_overrides(run, tmp_path):
     _, config = run("--classes=[4, 4, 4]")
     assert config["classes"] == (4, 4, 4)
 
-
 def test_config_file_then_override(run, tmp_path):
     (tmp_path / "conf.py").write_text("import math\nbatch_size = 128\nlearning_rate = 2 * math.pi\n_helper = 3\n")
     proc, config = run("conf.py", "--batch_size=16")
     assert proc.returncode == 0, proc.stderr
     assert config["batch_size"] == 16 and abs(config["learning_rate"] - 6.283185307179586) < 1e-12
-
 
 def assert_one_line_error(proc, *fragments):
     assert proc.returncode != 0
@@ -73,13 +69,11 @@ def assert_one_line_error(proc, *fragments):
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
-
 def test_unknown_key_suggests_close_keys(run):
     proc, _ = run("--batchsize=3")
     assert_one_line_error(proc, "unknown config key 'batchsize'", "batch_size")
     proc, _ = run("--zzz=3")
     assert_one_line_error(proc, "unknown config key 'zzz'", "--help")
-
 
 def test_type_mismatch(run):
     proc, _ = run("--batch_size=0.5")
@@ -90,7 +84,6 @@ def test_type_mismatch(run):
     assert_one_line_error(proc, "batch_size", "expects int", "bool")
     proc, _ = run("--learning_rate=fast")
     assert_one_line_error(proc, "learning_rate", "expects float", "str 'fast'")
-
 
 def test_config_file_errors(run, tmp_path):
     proc, _ = run("config/missing.py")
@@ -104,7 +97,6 @@ def test_config_file_errors(run, tmp_path):
     (tmp_path / "broken.py").write_text("batch_size = 1 +\n")
     proc, _ = run("broken.py")
     assert_one_line_error(proc, "config file 'broken.py' failed", "SyntaxError")
-
 
 def test_missing_value_and_help(run):
     proc, _ = run("--compile")

@@ -8,12 +8,10 @@ import torch
 from conftest import free_port, run_script, start, wait_for
 from test_train import mlflow_client, same_weights, the_only_run, train, weights
 
-
 # --- several processes: DDP with torchrun and gloo -------------------------------------------
 # P processes x A micro-steps train as 1 process x P*A micro-steps (train.py's random streams): a single-process run
 # with gradient accumulation is the reference for every torchrun run, to float tolerance.
 SPLIT = ["--lr_decay_iters=60", "--warmup_iters=5", "--log_interval=10", "--eval_interval=20"]
-
 
 def reference(tiny_dataset, tmp_path_factory, steps):
     cwd = tmp_path_factory.mktemp(f"accumulated{steps}")
@@ -22,18 +20,15 @@ def reference(tiny_dataset, tmp_path_factory, steps):
     assert proc.returncode == 0 and f"batch 16 = 1 processes x {steps} steps x {16 // steps}" in proc.stdout, proc.stderr
     return cwd / "reference" / "ckpt.pt"
 
-
 @pytest.fixture(scope="module")
 def accumulated(tiny_dataset, tmp_path_factory):
     """1 process x 2 micro-steps: the reference of 2 processes x 1."""
     return reference(tiny_dataset, tmp_path_factory, 2)
 
-
 @pytest.fixture(scope="module")
 def accumulated4(tiny_dataset, tmp_path_factory):
     """1 process x 4 micro-steps: the reference of 2 processes x 2, where DDP must average on the last micro-step."""
     return reference(tiny_dataset, tmp_path_factory, 4)
-
 
 def test_ddp_with_torchrun(cwd, accumulated, random_inception_weights):
     """Two processes: identical weights, one log and one MLflow run, MFU per device, FID sampled by both and equal to
@@ -65,7 +60,6 @@ def test_ddp_with_torchrun(cwd, accumulated, random_inception_weights):
     assert proc.returncode == 0 and "random streams" not in proc.stdout, proc.stderr
     assert same_weights(accumulated, cwd / "ddp" / "ckpt.pt", exact=False)
 
-
 def test_sigterm_under_torchrun_then_divergence(cwd, accumulated4):
     """2 processes x 2 micro-steps. torchrun passes SIGTERM to every rank; they agree at the next log step and save one
     checkpoint with both ranks' random streams; the resumed run ends with identical weights on both, and on the
@@ -94,7 +88,6 @@ def test_sigterm_under_torchrun_then_divergence(cwd, accumulated4):
     assert proc.returncode != 0 and output.count("error: the loss or the weights became non-finite by iter 70") == 1, output[-3000:]
     assert (cwd / "ddp" / "ckpt.pt").read_bytes() == kept
 
-
 def test_two_nodes_on_one_machine(cwd):
     """Two torchrun launches, as on two machines, meeting at a c10d rendezvous on 127.0.0.1."""
     endpoint = f"--rdzv_endpoint=127.0.0.1:{free_port()}"
@@ -106,8 +99,6 @@ def test_two_nodes_on_one_machine(cwd):
     assert "batch 16 = 2 processes x 1 steps x 8" in output
     assert output.count("weights identical on all 2 processes") == 1  # printed by global rank 0 only
     assert (cwd / "two" / "ckpt.pt").exists()
-
-
 
 
 def test_weights_that_differ_between_processes_are_an_error(cwd, tmp_path):

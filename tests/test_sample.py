@@ -8,14 +8,11 @@ from PIL import Image
 
 from conftest import REPO, TINY, TINY_TRAIN, assert_clean_failure, make_image_folder, make_tiny_vae, run_script
 
-
 def sample(cwd, *args):
     return run_script("sample.py", *args, cwd=cwd)
 
-
 def pngs(folder):
     return sorted(f for f in os.listdir(folder) if f.endswith(".png"))
-
 
 def test_classes_by_id_and_name_grid_and_files(tiny_checkpoint, tmp_path):
     proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=0,dog,0", "--num_per_class=3", "--steps=5")
@@ -34,7 +31,6 @@ def test_classes_by_id_and_name_grid_and_files(tiny_checkpoint, tmp_path):
     proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=all", "--num_per_class=1", "--steps=2", "--out_dir=all")
     assert proc.returncode == 0 and len(pngs(tmp_path / "all")) == 4
 
-
 def test_deterministic(tiny_checkpoint, tmp_path):
     def run(out, *args):
         proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=1,2", "--num_per_class=4", "--steps=5", f"--out_dir={out}", *args)
@@ -51,7 +47,6 @@ def test_deterministic(tiny_checkpoint, tmp_path):
     assert raw != a
     dpm = run("h", "--seed=7", "--sampler=dpm++2m")  # a is the default, ddim
     assert dpm == run("i", "--seed=7", "--sampler=dpm++2m", "--batch_size=3") and dpm != a and dpm != eta
-
 
 def test_every_image_of_a_set_differs_and_comes_from_the_ema(tiny_checkpoint, tmp_path):
     """No two images of a set are the same (each has its own noise), and they are the EMA weights' samples: the same
@@ -74,14 +69,12 @@ def test_every_image_of_a_set_differs_and_comes_from_the_ema(tiny_checkpoint, tm
         expected = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         assert torch.equal(images, expected) == same, weights
 
-
 def last_frame(folder, frames, row=0):
     """The last image of a row of trajectory.png, whose rows are 8x8 images with 2-pixel padding after a name margin."""
     trajectory = Image.open(folder / "trajectory.png").convert("RGB")
     margin = trajectory.size[0] - (frames * 10 + 2)
     x, y = margin + 2 + (frames - 1) * 10, 2 + row * 10
     return np.asarray(trajectory.crop((x, y, x + 8, y + 8))), trajectory
-
 
 def test_trajectory(tiny_checkpoint, tmp_path):
     proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=cat,frog", "--num_per_class=2", "--steps=8",
@@ -107,7 +100,6 @@ def test_trajectory(tiny_checkpoint, tmp_path):
     # with dpm++2m and x0 shown, the last of the 4 guesses is the sample itself
     assert (last_frame(tmp_path / "x0", 4)[0] == np.asarray(Image.open(tmp_path / "x0" / "cat_0000.png").convert("RGB"))).all()
 
-
 def test_samples_follow_their_class(tiny_checkpoint, tiny_dataset, tmp_path):
     """Each class of the tiny dataset is its own pattern of dark and bright squares: every sample is nearest its own."""
     proc = sample(tmp_path, f"--ckpt={tiny_checkpoint}", "--classes=all", "--num_per_class=4", "--steps=10")
@@ -119,7 +111,6 @@ def test_samples_follow_their_class(tiny_checkpoint, tiny_dataset, tmp_path):
             image = torch.from_numpy(np.asarray(Image.open(tmp_path / "samples" / f"{name}_{i:04d}.png"))).permute(2, 0, 1).float()
             distances = (image[None] - means).square().mean(dim=(1, 2, 3))
             assert distances.argmin() == c, (name, i, distances)
-
 
 def test_the_newest_run_is_the_default(tiny_checkpoint, tmp_path):
     for run in ("out-older", "out-newer"):
@@ -133,7 +124,6 @@ def test_the_newest_run_is_the_default(tiny_checkpoint, tmp_path):
     empty.mkdir()
     assert_clean_failure(run_script("sample.py", "--classes=dog", cwd=empty), "no --ckpt given and no out*/ckpt.pt in this folder",
                          "train.py")
-
 
 def test_a_checkpoint_of_an_older_layout(tiny_checkpoint, tmp_path):
     """Checkpoints from before the long skips, SwiGLU and RoPE (no 'layout' in them) get one line, in sample.py and
@@ -149,7 +139,6 @@ def test_a_checkpoint_of_an_older_layout(tiny_checkpoint, tmp_path):
     proc = run_script("train.py", *TINY, "--out_dir=out", "--init_from=resume", cwd=tmp_path)
     assert_clean_failure(proc, "out/ckpt.pt is from an older model layout")
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
-
 
 def test_latent_checkpoint_with_a_diffusers_vae(tiny_dataset, tmp_path):
     make_image_folder(tmp_path / "images", per_class=4)
@@ -172,7 +161,6 @@ def test_latent_checkpoint_with_a_diffusers_vae(tiny_dataset, tmp_path):
     assert not os.path.exists(tmp_path / "nope")
     proc = sample(tmp_path, "--ckpt=out/ckpt.pt", "--classes=dog", "--num_per_class=1", "--steps=2", "--vae=moved_vae")
     assert proc.returncode == 0, proc.stderr
-
 
 def test_bad_input(tiny_checkpoint, tmp_path):
     (tmp_path / "samples").mkdir()
@@ -202,7 +190,6 @@ def test_bad_input(tiny_checkpoint, tmp_path):
     assert os.listdir(tmp_path / "samples") == ["keep.png"]  # nothing written or half-written
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
-
 class Trap:
     """Pickles as a call of open(path, 'w'): loading it with weights_only=False creates the file."""
 
@@ -211,7 +198,6 @@ class Trap:
 
     def __reduce__(self):
         return open, (self.path, "w")
-
 
 def test_a_booby_trapped_checkpoint_is_refused_unread(tiny_dataset, tmp_path):
     marker = tmp_path / "the-trap-ran"

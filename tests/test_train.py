@@ -13,33 +13,27 @@ from conftest import REPO, TINY, assert_clean_failure, free_port, run_script
 def train(cwd, *args):
     return run_script("train.py", *TINY, *args, cwd=cwd)
 
-
 def losses(stdout):
     return [float(m) for m in re.findall(r"^iter \d+: loss ([0-9.]+)", stdout, re.M)]
-
 
 def mlflow_client(uri):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
-
 def the_only_run(client, experiment):
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1, [r.info.run_id for r in runs]
     return runs[0]
 
-
 def weights(path):
     ckpt = torch.load(path, weights_only=True)
     return ckpt, {f"{key}.{name}": t for key in ("model", "ema") for name, t in ckpt[key].items()}
-
 
 def same_weights(a, b, exact=True):
     (_, wa), (_, wb) = weights(a), weights(b)
     close = torch.equal if exact else lambda x, y: torch.allclose(x, y, rtol=1e-4, atol=1e-6)
     return wa.keys() == wb.keys() and all(close(wa[k], wb[k]) for k in wa)
-
 
 def test_train_end_to_end_with_mlflow(tiny_run):
     cwd, proc = tiny_run
@@ -70,7 +64,6 @@ def test_train_end_to_end_with_mlflow(tiny_run):
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert len(images) >= 2 and any("samples" in p for p in images), images
 
-
 def test_patience_and_a_constant_learning_rate(cwd):
     proc = train(cwd, "--max_iters=100", "--lr_decay=constant", "--learning_rate=0.0", "--eval_interval=10", "--patience=2",
                  "--log_interval=10")
@@ -81,7 +74,6 @@ def test_patience_and_a_constant_learning_rate(cwd):
     assert proc.returncode == 0, proc.stderr
     assert re.findall(r"lr ([0-9.e+-]+)", proc.stdout)[1:] == ["2.00e-03"] * 3  # after the warmup, constant
     assert torch.load(cwd / "out-debug" / "best.pt", weights_only=True)["iter_num"] == 10  # later evals never improved
-
 
 def test_learning_rate_warms_up_then_follows_the_cosine(cwd):
     """The learning rate of every iteration, as logged, against the closed form: linear warm-up from 0 over
@@ -100,7 +92,6 @@ def test_learning_rate_warms_up_then_follows_the_cosine(cwd):
     assert len(logged) == 30, proc.stdout
     for it, lr in enumerate(logged):
         assert abs(lr - expected(it)) <= 0.006 * expected(it), (it, lr, expected(it))  # printed to 3 digits
-
 
 def test_ema_follows_its_closed_form(cwd):
     """After iteration n the EMA is d_n * EMA + (1 - d_n) * weights, d_n = min(ema_decay, (1 + n) / (10 + n)): three
@@ -121,7 +112,6 @@ def test_ema_follows_its_closed_form(cwd):
             moved = max(moved, (after["model"][name] - before["ema"][name]).abs().max().item())
         assert moved > 1e-4  # the weights moved away from the EMA, so the decay's weight is seen
 
-
 def test_the_optimizer_sees_the_clipped_gradient(cwd):
     """grad_clip: the gradient every optimizer step sees (a global step hook of torch.optim) has norm grad_clip, the
     raw gradients of this model being far larger; grad_clip=0 leaves them as they are."""
@@ -139,7 +129,6 @@ def test_the_optimizer_sees_the_clipped_gradient(cwd):
     assert clipped.returncode == 0 and raw.returncode == 0, clipped.stderr + raw.stderr
     assert len(clipped_norms) == 10 and all(abs(n - 0.01) < 1e-6 for n in clipped_norms), clipped_norms
     assert len(norms) == 10 and min(norms) > 0.1, norms  # unclipped: the real norms, all far above 0.01
-
 
 def test_compile_matches_eager():
     """One training step's output and gradients, compiled and eager, in bf16 autocast on the CPU, at 64 tokens (on an
@@ -165,7 +154,6 @@ def test_compile_matches_eager():
     for a, b in zip(eager_grads, compiled_grads):
         assert torch.isfinite(b).all() and torch.allclose(a, b, atol=1e-2, rtol=0.1)
 
-
 def test_a_gpu_config_on_a_cpu(cwd):
     proc = run_script("train.py", os.path.join(REPO, "config", "train_cifar.py"), "--dataset=tiny", "--mlflow_log=False", cwd=cwd)
     assert_clean_failure(proc, "train_cifar.py is sized for a GPU", "days on this CPU", "config/train_cifar_cpu.py",
@@ -176,7 +164,6 @@ def test_a_gpu_config_on_a_cpu(cwd):
                       "--batch_size=2", "--max_iters=1", "--eval_iters=1", "--samples_per_class=1", "--sample_steps=1",
                       "--n_layer=2", "--n_embd=48", "--mlflow_log=False", cwd=cwd)
     assert proc.returncode == 0 and "sized for a GPU" not in proc.stderr and "iter 1: val loss" in proc.stdout, proc.stderr
-
 
 def test_bad_input(cwd):
     for args, fragments in [
@@ -205,7 +192,6 @@ def test_bad_input(cwd):
     assert_clean_failure(train(cwd, "--out_dir=junk", "--init_from=resume"), "junk/ckpt.pt is not a nano-diffusion checkpoint")
     assert (cwd / "junk" / "ckpt.pt").read_bytes() == b"not a checkpoint"
 
-
 def test_flow_matching_end_to_end(cwd):
     """The rectified-flow objective through the real scripts: train, then sample with both samplers."""
     proc = train(cwd, "--noise_schedule=flow", "--prediction=velocity", "--t_sampling=logit_normal", "--max_iters=40",
@@ -222,7 +208,6 @@ def test_flow_matching_end_to_end(cwd):
         assert proc.returncode == 0, proc.stderr
         assert f"{sampler} 4 steps" in proc.stdout and (cwd / sampler / "trajectory.png").exists()
 
-
 def test_every_config_parses_and_builds_its_model(tmp_path):
     """Each training config, read by bench.py (which ignores keys only train.py uses), builds its model and takes a step."""
     for name in sorted(os.listdir(os.path.join(REPO, "config"))):
@@ -232,7 +217,6 @@ def test_every_config_parses_and_builds_its_model(tmp_path):
             assert proc.returncode == 0 and "| train step | 1 |" in proc.stdout, (name, proc.stderr[-2000:])
     proc = run_script("sample.py", os.path.join(REPO, "config", "sample_grid.py"), "--help", cwd=tmp_path)
     assert proc.returncode == 0 and "--classes='airplane,automobile" in proc.stdout, proc.stderr
-
 
 def test_mlflow_server_over_http_and_a_dead_server(cwd):
     port = free_port()

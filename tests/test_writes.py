@@ -5,7 +5,6 @@ import resource
 
 from conftest import TINY, assert_clean_failure, make_image_folder, run_script
 
-
 @contextlib.contextmanager
 def file_size_limit(nbytes):
     """No file this process writes may grow past nbytes (RLIMIT_FSIZE): a write past it fails with EFBIG, 'File too
@@ -17,10 +16,8 @@ def file_size_limit(nbytes):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-
 def leftovers(folder):
     return [p.name for p in folder.rglob("*") if p.name.startswith((".tmp", ".old"))]
-
 
 def test_a_checkpoint_that_cannot_be_written(cwd):
     assert run_script("train.py", *TINY, "--max_iters=20", cwd=cwd).returncode == 0
@@ -31,7 +28,6 @@ def test_a_checkpoint_that_cannot_be_written(cwd):
                          "out-debug/ckpt.pt (iter 20) is the last good checkpoint", "continue with --init_from=resume")
     assert (cwd / "out-debug" / "ckpt.pt").read_bytes() == kept and not leftovers(cwd / "out-debug")
     assert (cwd / "out-debug" / "samples_000040.png").exists()  # what could be written was
-
 
 def test_a_dataset_sample_folder_or_statistics_that_cannot_be_written(tiny_checkpoint, random_inception_weights, tmp_path):
     make_image_folder(tmp_path / "images", per_class=2)
