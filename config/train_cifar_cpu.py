@@ -19,8 +19,10 @@
 #          the flow path 105 -> 98; U-ViT long skips 97; SwiGLU 87; 2-D RoPE 84; Muon 75 (model.py builds the
 #          skips, SwiGLU and RoPE always). Min-SNR weighting, RMSNorm + QK-norm, other EMA warm-ups and guidance
 #          intervals did not help. Muon costs ~20% of the images/s here, so the same time buys 2,400 iterations.
-#   round 2 (README, "What each change buys", on a 2-core AMD EPYC, a third of the budget, FID-1k): Muon and AdamW
-#          at learning rate 8e-3 74.5 against 4e-3's 74.1, not kept; the other candidates are still to measure.
+#   round 2 (README, "What each change buys", on a 2-core AMD EPYC, a third of the budget, FID-1k, base 74.1): none
+#          kept yet. Learning rate 8e-3 74.5, 2e-3 82.6; warm-up 50 73.3 (noise); the dispersive loss 77.3; TREAD
+#          (50% of tokens skip blocks 1-4, 1.49x the iterations in the same time) 74.0; batch 32 at equal time
+#          (1,250 iterations) 73.7, within the noise.
 #   EMA    ema_decay 0.999 has no effect in a run this short: train.py's decay is min(ema_decay,
 #          (1+n)/(10+n)), and the warm-up term stays below 0.999 for the first 8,990 iterations. So
 #          the average spans the last ~11% of the iterations at every checkpoint (EDM2 finds ~10% good).
