@@ -285,7 +285,7 @@ class DiT(nn.Module):
                 block.modulation.copy_(torch.randn(6, D) / D**0.5)
                 block.modulation[[2, 5]] = 0.0  # the two gates
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, return_hidden=False):
         """x (B, C, H, W) noisy input; t (B,) float in [0, 1]; y (B,) long class ids, num_classes meaning "no class"."""
         B, C, H, W = x.shape
         p, D = self.config.patch_size, self.config.n_embd
@@ -294,15 +294,27 @@ class DiT(nn.Module):
         time_modulation = self.adaln_single(t_emb).view(B, 6, D)  # computed once, shared by all blocks
         class_token = self.class_embed(y)[:, None]  # (B, 1, D)
         rope, skips = (self.rope_cos, self.rope_sin), []
+        L, routed = len(self.blocks), None
         for i, block in enumerate(self.blocks):
+            if i == 1 and self.training and getattr(self, "route", 0) > 0:  # TREAD: a random share skips blocks 1..L-2
+                N = x.shape[1]
+                routed = torch.rand(B, N, device=x.device).argsort(1)[:, : round(N * (1 - self.route))]
+                full = x
+                x = x.gather(1, routed[..., None].expand(-1, -1, D))
+                rope = (self.rope_cos[routed][:, None], self.rope_sin[routed][:, None])
+            if i == L - 1 and routed is not None:  # the others rejoin unchanged
+                x = full.scatter(1, routed[..., None].expand(-1, -1, D), x)
+                rope = (self.rope_cos, self.rope_sin)
             x = block(x, class_token, time_modulation, rope, skips.pop() if block.skip is not None else None)
             if i < len(self.blocks) // 2:
                 skips.append(x)
+            if i == len(self.blocks) // 2 - 1:
+                hidden = x
         shift, scale = (self.out_modulation[None] + t_emb[:, None]).unbind(1)  # 2 x (B, D)
         x = self.out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*C)
         # unpatchify: (B, h*w, p*p*C) -> (B, C, h*p, w*p)
         x = x.view(B, H // p, W // p, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, C, H, W)
+        return (x.reshape(B, C, H, W), hidden) if return_hidden else x.reshape(B, C, H, W)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -384,7 +396,16 @@ def sample_t(batch_size, t_sampling, device, generator=None):
     raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {t_sampling!r}")
 
 
-def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None):
+def dispersive_loss(z, tau=0.5):
+    """Dispersive loss (Wang & He 2025, arXiv 2506.09027), InfoNCE with squared L2 and no positives: log of the mean of
+    exp(-||z_i - z_j||^2 / (dim tau)) over every pair of the batch, which pushes the hidden states apart."""
+    z = z.flatten(1).float()
+    distances = torch.cdist(z, z).square() / z.shape[1]
+    return torch.logsumexp(-distances.flatten() / tau, 0) - math.log(distances.numel())
+
+
+def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None,
+                   dispersive_weight=0.0, dispersive_tau=0.5):
     """Mean squared error between the network's prediction and its target, on images x0 noised at random times."""
     config = unwrap_model(model).config
     B, device = x0.shape[0], x0.device
@@ -402,7 +423,10 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
         y = torch.where(drop, config.num_classes, y)
     # 4. regress the prediction onto its target
     target = {"eps": eps, "v": alpha * eps - sigma * x0, "velocity": eps - x0}[config.prediction]
-    return F.mse_loss(model(x_t, t, y).float(), target)
+    if dispersive_weight == 0:
+        return F.mse_loss(model(x_t, t, y).float(), target)
+    out, hidden = model(x_t, t, y, return_hidden=True)
+    return F.mse_loss(out.float(), target) + dispersive_weight * dispersive_loss(hidden, dispersive_tau)
 
 
 # -----------------------------------------------------------------------------

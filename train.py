@@ -70,6 +70,9 @@ input_scale = 1.0  # b in Chen 2023: x0 is scaled by b before noising; b < 1 shi
 t_sampling = "uniform"  # 'uniform' or 'logit_normal' (SD3)
 class_dropout = 0.1  # probability of training a label as "no class" (for guidance)
 flip = True  # pixels: flip half of every batch left-right (latents come flipped from prepare_cifar.py)
+dispersive_weight = 0.0  # measurement branch: the dispersive loss on the middle block's output (0: off)
+dispersive_tau = 0.5
+tread = 0.0  # measurement branch: TREAD, the share of tokens that skip blocks 1..L-2 in training (0: off)
 # optimizer
 optimizer = "adamw"  # 'adamw', or 'muon' for the blocks' matrices and AdamW for the rest (model.configure_optimizers)
 batch_size = 256  # images per optimizer step, over all GPUs and accumulation steps
@@ -184,6 +187,7 @@ def get_lr(it, decay_end):
 
 
 model = DiT(model_config).to(device)
+model.route = tread
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use the EMA
 try:
     optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
@@ -336,7 +340,8 @@ while iter_num < max_iters:
         x, y = get_batch(x_train, y_train, micro_batch, meta, flip, stream)
         with nullcontext() if not ddp or micro_step == A - 1 else model.no_sync():
             with autocast:
-                loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout, stream) / A
+                loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout, stream, dispersive_weight,
+                                      dispersive_tau) / A
             loss.backward()
         loss_sum += loss.detach()
     # 3. clip, step, and the EMA: ema += (1 - decay) * (w - ema) for all weights at once; early
