@@ -48,6 +48,17 @@ def test_resize_subset_and_single_split(tmp_path):
     assert x.shape == (11, 3, 8, 8)
     assert (x[5, 0] > 250).all() and (x[5, 1:] < 5).all()  # 'wide.jpg' sorts after 004.png
 
+def test_images_in_a_class_folder_s_sub_folders_belong_to_that_class(tmp_path):
+    make_image_folder(tmp_path / "nested", classes=("a", "b"), per_class=2, size=8, splits=())
+    (tmp_path / "nested" / "b" / "more").mkdir()
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(tmp_path / "nested" / "b" / "more" / "x.png")
+    proc = prepare(tmp_path, "--source=nested", "--vae=none", "--image_size=8", "--out=nested")
+    assert proc.returncode == 0, proc.stderr
+    blob = load(tmp_path / "data" / "nested", "train")
+    assert blob["labels"].tolist() == [0, 0, 1, 1, 1]  # b/more/x.png is a 'b' image, not a class of its own
+    assert (blob["x"][4, 2] > 250).all() and (blob["x"][4, :2] < 5).all()
+    assert json.loads((tmp_path / "data" / "nested" / "meta.json").read_text())["classes"] == ["a", "b"]
+
 def test_latents_with_a_real_diffusers_vae(tmp_path):
     images = make_image_folder(tmp_path / "pets")
     vae = make_tiny_vae(tmp_path / "tiny_vae")
