@@ -48,15 +48,27 @@ def find_checkpoint(path="", quiet=False):
         print(f"checkpoint: {found[-1]} (the newest out*/ckpt.pt here; --ckpt=... picks another)")
     return found[-1]
 
+def build_model(checkpoint, weights, device, path):
+    """The DiT of a checkpoint with its weights named weights ('ema', 'model' or 'guide'), in eval mode."""
+    try:
+        model = DiT(DiTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint[weights])
+    except Exception as e:
+        raise DataError(f"{path} holds a model this code cannot build ({one_line(e)})") from e
+    return model.to(device).eval()
+
 def load_checkpoint(path, use_ema=True, device="cpu"):
     """(model in eval mode, noise schedule, data meta, checkpoint dict) from a train.py checkpoint."""
     checkpoint = read_checkpoint(path)
-    try:
-        model = DiT(DiTConfig(**checkpoint["model_config"]))
-        model.load_state_dict(checkpoint["ema" if use_ema else "model"])
-    except Exception as e:
-        raise DataError(f"{path} holds a model this code cannot build ({one_line(e)})") from e
-    return model.to(device).eval(), NoiseSchedule(**checkpoint["noise_schedule"]), checkpoint["meta"], checkpoint
+    model = build_model(checkpoint, "ema" if use_ema else "model", device, path)
+    return model, NoiseSchedule(**checkpoint["noise_schedule"]), checkpoint["meta"], checkpoint
+
+def load_guide(checkpoint, device, path):
+    """Autoguidance's guide, the EMA weights that train.py kept at guide_iter; None without one, or at guide_iter itself,
+    where the guide is the model."""
+    if checkpoint.get("guide") is None or checkpoint["iter_num"] <= checkpoint["config"].get("guide_iter", 0):
+        return None
+    return build_model(checkpoint, "guide", device, path)
 
 def fixed_settings(model_config, schedule, meta, optimizer):
     """The settings a resumed run must keep, by train.py's key names: what the network computes and what its output

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import torch.distributed as dist
-from checkpoint import find_checkpoint, load_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, load_guide
 from data import IMAGE_EXTENSIONS, image_files, load_cifar10, load_meta, load_split, load_vae, read_images
 from runtime import (DataError, autocast_context, compile_model, end_processes, first_problem, mlflow_tracking,
                      one_line, pick_device, progress, rank_and_world, save_file, start_processes, warn)
@@ -269,7 +269,8 @@ ref = "cifar10"  # real images: 'cifar10', a prepared pixel dataset folder, an i
 num_samples = 50000  # images to generate from the checkpoint, class-balanced (0: only the reference statistics)
 sampler = "ddim"  # 'ddim' or 'dpm++2m'
 steps = 20  # sampler steps
-cfg_scale = 1.5  # classifier-free guidance scale
+cfg_scale = 0.0  # guidance scale (0: the checkpoint's sample_cfg_scale, the scale its config samples with)
+autoguidance = True  # guide with the checkpoint's earlier weights where it holds them (train.py's guide_iter), else CFG
 eta = 0.0  # DDIM noise
 seed = 0
 batch_size = 256 if torch.cuda.is_available() else 64  # images per sampling batch; a CPU is 2x faster at 64 than 256
@@ -303,9 +304,11 @@ if __name__ == "__main__":
             if num_samples < 2:
                 raise ValueError(f"num_samples must be at least 2 (or 0 for the reference statistics only), "
                                  f"got {num_samples}")
-            sampling = sampler_settings(sampler, steps, cfg_scale, eta)
             ckpt = find_checkpoint(ckpt, quiet=rank != 0)
             model, schedule, meta, checkpoint = load_checkpoint(ckpt, use_ema, device)
+            cfg_scale = cfg_scale or checkpoint["config"]["sample_cfg_scale"]
+            sampling = sampler_settings(sampler, steps, cfg_scale, eta)
+            guide = load_guide(checkpoint, device, ckpt) if autoguidance else None
             decoder = load_vae(vae or meta["vae"], device) if meta["kind"] == "latents" else None
         net = load_inception(inception_weights, device)
     except (DataError, ValueError) as e:
@@ -320,10 +323,11 @@ if __name__ == "__main__":
         elif num_samples:
             if rank == 0:
                 print(f"sampling on {device} in {why}")
-            net_g = compile_model(model, device) if compile else model
+            net_g, guide = (compile_model(m, device) if compile and m is not None else m for m in (model, guide))
             fid, (mu, sigma) = score(net_g, schedule, meta, net, ref_stats, num_samples, decoder, seed, batch_size,
-                                     autocast, **sampling)
-            count, source = num_samples, f"samples of {ckpt}, {sampler} {steps} steps, cfg_scale {cfg_scale}"
+                                     autocast, **sampling, guide=guide)
+            guidance = "autoguidance" if guide is not None else "cfg_scale"
+            count, source = num_samples, f"samples of {ckpt}, {sampler} {steps} steps, {guidance} {cfg_scale}"
         else:
             end_processes(0)  # only the reference statistics were asked for
     except DataError as e:  # raised alike in every process (pooled_statistics); the message in one

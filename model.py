@@ -355,18 +355,24 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
 # a step of the probability-flow ODE, whose solution maps each x_T to one image. DPM-Solver++(2M) makes the same move
 # with a better x0. Samplers work in b-scaled space and divide by b at the end.
 
-def guided_prediction(model, x, t, y, cfg_scale=1.0):
-    """The output with classifier-free guidance, uncond + cfg_scale * (cond - uncond), both halves in ONE batch."""
+def guided_prediction(model, x, t, y, cfg_scale=1.0, guide=None):
+    """The output pushed away from a weaker one, weak + cfg_scale * (out - weak). Classifier-free guidance: the weak
+    output is the same network's without the class, both halves in ONE batch; it makes images more typical of their
+    class and less varied. Autoguidance (guide, https://arxiv.org/abs/2406.02507): it is a less-trained copy's, told the
+    class. Its errors are the model's own, only larger, so stepping away from them mends images without narrowing them."""
     if cfg_scale == 1.0:
         return model(x, t, y).float()
-    null = torch.full_like(y, unwrap_model(model).config.num_classes)
-    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
-    return uncond + cfg_scale * (cond - uncond)
+    if guide is not None:
+        out, weak = model(x, t, y).float(), guide(x, t, y).float()
+    else:
+        null = torch.full_like(y, unwrap_model(model).config.num_classes)
+        out, weak = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    return weak + cfg_scale * (out - weak)
 
-def predict_x0(model, x, t, y, alpha, sigma, cfg_scale=1.0, clip_x0=None):
+def predict_x0(model, x, t, y, alpha, sigma, cfg_scale=1.0, clip_x0=None, guide=None):
     """The (guided) guess of the clean image x0 (b-scaled) at x = alpha x0 + sigma eps. clip_x0 clamps it to the data's
     range: with 'eps' at t=1, where alpha ~ 3e-5, an error of the prediction is multiplied by ~3e4."""
-    out = guided_prediction(model, x, torch.full((len(x),), t, device=x.device), y, cfg_scale)
+    out = guided_prediction(model, x, torch.full((len(x),), t, device=x.device), y, cfg_scale, guide)
     prediction = unwrap_model(model).config.prediction
     if prediction == "eps":  # out = eps; alpha > 0 (VP gammas are clipped, check_objective rules out the flow path)
         x0 = (x - sigma * out) / alpha
@@ -387,10 +393,11 @@ def ddim_step(x, x0, now, next, eta=0.0, noise=None):
     return x_next + fresh * noise() if fresh > 0 else x_next
 
 def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second_order=False, eta=0.0, noise=None,
-          trajectory=False):
+          trajectory=False, guide=None):
     """Walk from x_T at ts[0] = 1 down the float64 times ts to 0: DDIM steps, or DPM-Solver++(2M)'s with second_order.
     Returns x0 (divided by b); with trajectory, (x0, path): 'x_t' (the points visited, x_T ... x_0) and 'x0_pred' (the
-    guess at each but the last), divided by b too. eta > 0 (DDIM only) adds noise() (default torch.randn_like)."""
+    guess at each but the last), divided by b too. eta > 0 (DDIM only) adds noise() (default torch.randn_like); guide:
+    autoguidance's weaker model (guided_prediction)."""
     if len(ts) < 2:
         raise ValueError(f"steps must be at least 1, got {len(ts) - 1}")
     b = noise_schedule.input_scale
@@ -402,7 +409,8 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second
     x, x0_prev = x_T.float(), None
     path = {"x_t": [x / b], "x0_pred": []} if trajectory else None
     for i in range(len(ts) - 1):
-        x0 = predict_x0(model, x, ts[i].item(), y, *levels[i], cfg_scale, None if clip_x0 is None else clip_x0 * b)
+        x0 = predict_x0(model, x, ts[i].item(), y, *levels[i], cfg_scale, None if clip_x0 is None else clip_x0 * b,
+                        guide)
         x0_step = x0
         if second_order and x0_prev is not None and math.isfinite(lambdas[i - 1]) and levels[i + 1][1] > 0:
             # DPM-Solver++(2M) (Algorithm 2): the last two guesses of x0 extrapolated linearly in lambda to the middle
@@ -452,7 +460,7 @@ def draw(streams, shape):
 
 @torch.no_grad()
 def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, indices=None, sampler="ddim", steps=20,
-             cfg_scale=1.0, clip_x0=None, eta=0.0, trajectory=False, bar=None):
+             cfg_scale=1.0, clip_x0=None, eta=0.0, trajectory=False, bar=None, guide=None):
     """Samples (model space, CPU) numbered indices (default 0, 1, ...) of these class ids, in batches, each one's noise
     from its own noise_streams generator; sampler is a name in SAMPLERS. With trajectory, (samples, solve()'s path)."""
     times, second_order = SAMPLERS[sampler]
@@ -464,7 +472,7 @@ def generate(model, noise_schedule, labels, shape, seed=0, batch_size=256, indic
         streams = noise_streams(indices[i : i + batch_size], seed)
         x_T = draw(streams, shape).to(device)
         out = solve(model, noise_schedule, x_T, y, ts, cfg_scale, clip_x0, second_order, eta,
-                    noise=lambda: draw(streams, shape).to(device), trajectory=trajectory)
+                    noise=lambda: draw(streams, shape).to(device), trajectory=trajectory, guide=guide)
         x, path = out if trajectory else (out, {})
         samples.append(x.cpu())  # each batch leaves the device as it is done
         paths.append({k: [frame.cpu() for frame in frames] for k, frames in path.items()})

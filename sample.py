@@ -17,7 +17,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from checkpoint import find_checkpoint, load_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, load_guide
 from data import load_vae, to_images
 from model import SAMPLERS, generate
 from runtime import DataError, autocast_context, compile_model, fail, pick_device, progress, write_folder
@@ -28,7 +28,8 @@ classes = "all"  # class ids or names, comma-separated ('3,5', 'cat,dog', '3,3,3
 num_per_class = 8  # images per requested class: the columns of grid.png
 sampler = "ddim"  # 'ddim', or 'dpm++2m' (DPM-Solver++(2M): nearer the ODE's solution in fewer steps; README, Samplers)
 steps = 20  # sampler steps (model evaluations per image); README, Samplers
-cfg_scale = 1.5  # classifier-free guidance: 1 = none, larger = more class-typical, less varied
+cfg_scale = 0.0  # guidance: 1 = none, larger = sharper and more class-typical; 0 = the checkpoint's (its sample_cfg_scale)
+autoguidance = True  # guide with the checkpoint's earlier weights where it holds them (train.py's guide_iter), else CFG
 eta = 0.0  # DDIM noise: 0 deterministic, 1 DDPM-like (DDIM only)
 seed = 0  # the same seed gives the same images
 batch_size = 256 if torch.cuda.is_available() else 64  # images per batch (2x inside with guidance); 64 is best on a CPU
@@ -107,15 +108,18 @@ if __name__ == "__main__":
             raise ValueError(f"num_per_class must be at least 1, got {num_per_class}")
         if trajectory_show not in ("x_t", "x0"):
             raise ValueError(f"trajectory_show must be 'x_t' or 'x0', got {trajectory_show!r}")
-        sampling = sampler_settings(sampler, steps, cfg_scale, eta)
         autocast = autocast_context(device, dtype)
-        model, schedule, meta, _ = load_checkpoint(find_checkpoint(ckpt), use_ema, device)
+        model, schedule, meta, checkpoint = load_checkpoint(path := find_checkpoint(ckpt), use_ema, device)
+        cfg_scale = cfg_scale or checkpoint["config"]["sample_cfg_scale"]  # the best scale depends on the guide it has
+        sampling = sampler_settings(sampler, steps, cfg_scale, eta)
+        guide = load_guide(checkpoint, device, path) if autoguidance else None
         class_ids = parse_classes(classes, meta["classes"])
         decoder = load_vae(vae or meta["vae"], device) if meta["kind"] == "latents" else None
     except (DataError, ValueError) as e:
         fail(str(e))
     print(f"sampling on {device} in {why}")
-    net = compile_model(model, device) if compile else model
+    net, guide = (compile_model(m, device) if compile and m is not None else m for m in (model, guide))
+    sampling["guide"] = guide
     names = [meta["classes"][c] for c in class_ids]
     t0 = time.time()
     labels = torch.tensor(class_ids).repeat_interleave(num_per_class)  # row by row
@@ -142,6 +146,7 @@ if __name__ == "__main__":
         write_folder(out_dir, write)
     except DataError as e:
         fail(str(e))
+    guidance = "autoguidance" if guide is not None else "cfg_scale"
     print(f"{len(images)} images of {', '.join(dict.fromkeys(names))} in {seconds:.1f} s ({len(images) / seconds:.1f} "
-          f"images/s, {sampler} {steps} steps, cfg_scale {cfg_scale}, {'EMA' if use_ema else 'raw'} weights) -> "
+          f"images/s, {sampler} {steps} steps, {guidance} {cfg_scale}, {'EMA' if use_ema else 'raw'} weights) -> "
           f"{out_dir}/grid.png" + (f", {out_dir}/trajectory.png ({trajectory_show})" if trajectory else ""))

@@ -45,7 +45,8 @@ patience = 0  # stop after this many evals without EMA val loss improvement (0: 
 samples_per_class = 8  # images per row of the grid
 sampler = "ddim"  # 'ddim' or 'dpm++2m' (also for FID)
 sample_steps = 20  # sampler steps
-sample_cfg_scale = 1.5  # classifier-free guidance scale (1 = no guidance)
+sample_cfg_scale = 1.5  # guidance scale (1 = no guidance)
+guide_iter = 0  # autoguidance: the EMA weights of this iteration guide the later ones (0: classifier-free guidance)
 # FID during training (fid.py; EMA model, sample_steps and sample_cfg_scale)
 fid_interval = 0  # iterations between FID evaluations (0: off; a multiple of eval_interval); every process samples
 fid_num_samples = 5000  # samples per FID (small-N FID is biased high: compare like with like)
@@ -126,6 +127,8 @@ try:
                          ("optimizer", ("adamw", "muon"))]:
         if globals()[key] not in allowed:
             raise ValueError(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
+    if guide_iter >= max_iters:
+        raise ValueError(f"guide_iter {guide_iter} must be below max_iters {max_iters}: the guide is an earlier model")
     if fid_interval % eval_interval:
         raise ValueError(f"fid_interval {fid_interval} is not a multiple of eval_interval {eval_interval} (FID runs at "
                          "evaluations)")
@@ -181,6 +184,7 @@ try:
 except ValueError as e:  # Muon on a torch without it
     fail(str(e))
 iter_num, best_val_loss, evals_without_improvement, mlflow_run_id, saved_iter = 0, float("inf"), 0, None, None
+guide = None  # autoguidance's guide, from guide_iter on; it steers the samples of later iterations
 if checkpoint is not None:
     states = (checkpoint["model"], checkpoint["ema"], *checkpoint["optimizer"])  # the optimizers: one state each
     for obj, state in zip((model, ema_model, *optimizers), states):
@@ -188,6 +192,9 @@ if checkpoint is not None:
     iter_num, best_val_loss, evals_without_improvement, mlflow_run_id = (
         checkpoint[k] for k in ("iter_num", "best_val_loss", "evals_without_improvement", "mlflow_run_id"))
     saved_iter, old = iter_num, checkpoint["config"]
+    if checkpoint.get("guide") is not None:
+        guide = copy.deepcopy(ema_model)
+        guide.load_state_dict(checkpoint["guide"])
     old_end, new_end = old["lr_decay_iters"] or old["max_iters"], lr_decay_iters or max_iters
     if master and lr_decay == "cosine" and old_end != new_end and not lr_decay_iters and iter_num > warmup_iters:
         warn(f"max_iters {old['max_iters']} -> {max_iters} moves the end of the cosine decay: at iter {iter_num} the "
@@ -281,6 +288,7 @@ def save_checkpoint(path, rng_states):
     write_checkpoint(path, model=raw_model.state_dict(), ema=ema_model.state_dict(),
                      optimizer=[o.state_dict() for o in optimizers], iter_num=iter_num, best_val_loss=best_val_loss,
                      rng=rng_states, mlflow_run_id=mlflow_run_id, evals_without_improvement=evals_without_improvement,
+                     guide=guide.state_dict() if guide is not None else None,
                      config=config, meta=meta, model_config=asdict(model_config), noise_schedule=asdict(schedule))
 
 # SIGTERM (how SLURM, Kubernetes and spot instances stop a job) and Ctrl-C ask the loop to stop after its current step,
@@ -328,6 +336,8 @@ while iter_num < max_iters:
     with torch.no_grad():
         torch._foreach_lerp_(ema_params, model_params, 1 - min(ema_decay, (1 + iter_num) / (10 + iter_num)))
     iter_num, iters_since_log = iter_num + 1, iters_since_log + 1
+    if iter_num == guide_iter:
+        guide = copy.deepcopy(ema_model)
     last = iter_num == max_iters
     log_step, eval_step = iter_num % log_interval == 0 or last, iter_num % eval_interval == 0 or last
 
@@ -394,7 +404,7 @@ while iter_num < max_iters:
                 if can_decode:  # one row per class, named
                     labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
                     images = sample_images(ema_model, schedule, meta, labels, vae, seed, max(micro_batch, 64),
-                                           autocast, **sampling)
+                                           autocast, **sampling, guide=guide if iter_num > guide_iter else None)
                     grid = labelled_rows(images, meta["classes"], samples_per_class)
                     written.append(os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
                     save_file(written[-1], lambda tmp: save_png(grid, tmp))
@@ -412,7 +422,8 @@ while iter_num < max_iters:
             break
         if fid_net is not None and iter_num % fid_interval == 0:  # every process samples and scores its share
             score, _ = fid.score(ema_model, schedule, meta, fid_net, fid_ref_stats, fid_num_samples, vae, seed=seed,
-                                 batch_size=max(micro_batch, 64), autocast=autocast, **sampling)
+                                 batch_size=max(micro_batch, 64), autocast=autocast, **sampling,
+                                 guide=guide if iter_num > guide_iter else None)
             if master:
                 print(f"iter {iter_num}: {fid.fid_metric_name(fid_num_samples)} {score:.3f}", flush=True)
                 log_mlflow("log_metrics", {fid.fid_metric_name(fid_num_samples): score}, step=iter_num)

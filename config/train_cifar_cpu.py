@@ -51,4 +51,6 @@ noise_schedule = "flow"
 prediction = "velocity"
 sampler = "ddim"  # the sampler and steps of the best FID-2k on this model (README, Samplers)
 sample_steps = 20
+sample_cfg_scale = 2.0  # with autoguidance (README, Samplers)
+guide_iter = 800  # autoguidance: the EMA of iteration 800 guides the final model (README, "What each change buys")
 mlflow_experiment = "cifar10-cpu"

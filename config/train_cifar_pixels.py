@@ -13,6 +13,8 @@ warmup_iters = 1000
 max_iters = 100000
 eval_interval = 2000
 ema_decay = 0.9999  # takes over after 89,990 iterations; before, the average spans ~11% of the run
+# guide_iter (autoguidance by the run's own earlier EMA) won on the CPU model alone (README, "What each change buys");
+# untried here: the guide's iteration and the scale depend on how far the run goes, so they need measuring at this scale
 noise_schedule = "cosine"
 prediction = "v"
 compile = True

@@ -69,6 +69,38 @@ def test_every_image_of_a_set_differs_and_comes_from_the_ema(tiny_checkpoint, tm
         expected = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         assert torch.equal(images, expected) == same, weights
 
+def test_autoguidance_steers_with_the_checkpoint_s_guide(tiny_checkpoint, tmp_path):
+    """A checkpoint with a guide is sampled with autoguidance, the guide told the class (model.generate with guide=), at
+    the checkpoint's sample_cfg_scale unless told another; --autoguidance=False, or a checkpoint without one, uses
+    classifier-free guidance."""
+    from model import DiT, DiTConfig, NoiseSchedule, generate
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    ckpt["guide"], ckpt["config"]["guide_iter"] = ckpt["model"], 150  # the raw weights stand in for an earlier EMA
+    ckpt["config"]["sample_cfg_scale"] = 2.0  # the scale sample.py uses unless told one
+    torch.save(ckpt, tmp_path / "guided.pt")
+
+    def images(*args):
+        proc = sample(tmp_path, "--classes=all", "--num_per_class=2", "--steps=4", "--dtype=float32", *args)
+        assert proc.returncode == 0, proc.stderr
+        folder = tmp_path / "samples"
+        files = [f for f in pngs(folder) if f != "grid.png"]
+        return proc.stdout, torch.stack([torch.from_numpy(np.array(Image.open(folder / f))) for f in files])
+
+    said, auto = images(f"--ckpt={tmp_path / 'guided.pt'}")
+    assert "autoguidance 2" in said
+    said, cfg = images(f"--ckpt={tmp_path / 'guided.pt'}", "--cfg_scale=2", "--autoguidance=False")
+    assert "cfg_scale 2" in said and not torch.equal(auto, cfg)
+    said, plain = images(f"--ckpt={tiny_checkpoint}", "--cfg_scale=2")
+    assert "cfg_scale 2" in said and torch.equal(plain, cfg)
+    nets = {}
+    for weights in ("ema", "guide"):
+        nets[weights] = DiT(DiTConfig(**ckpt["model_config"]))
+        nets[weights].load_state_dict(ckpt[weights])
+    x = generate(nets["ema"].eval(), NoiseSchedule(**ckpt["noise_schedule"]), torch.arange(3).repeat_interleave(2),
+                 (3, 8, 8), steps=4, cfg_scale=2.0, clip_x0=1.0, guide=nets["guide"].eval())
+    assert torch.equal(auto.permute(0, 3, 1, 2), ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+
 def last_frame(folder, frames, row=0):
     """The last image of a row of trajectory.png, whose rows are 8x8 images with 2-pixel padding after a name margin."""
     trajectory = Image.open(folder / "trajectory.png").convert("RGB")

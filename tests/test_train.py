@@ -112,6 +112,24 @@ def test_ema_follows_its_closed_form(cwd):
             moved = max(moved, (after["model"][name] - before["ema"][name]).abs().max().item())
         assert moved > 1e-4  # the weights moved away from the EMA, so the decay's weight is seen
 
+def test_the_guide_is_the_ema_of_guide_iter(cwd):
+    """Autoguidance's guide is the EMA as it was at guide_iter, kept in every later checkpoint: a run that stops there
+    ends with that EMA. The same with a resume in between, and without guide_iter no guide."""
+    common = ["--eval_interval=2", "--lr_decay=constant", "--warmup_iters=0"]
+    assert train(cwd, "--max_iters=2", "--out_dir=short", *common).returncode == 0
+    proc = train(cwd, "--max_iters=4", "--guide_iter=2", "--out_dir=long", *common)
+    assert proc.returncode == 0, proc.stderr
+    short, long = (torch.load(cwd / out / "ckpt.pt", weights_only=True) for out in ("short", "long"))
+    assert short["guide"] is None and long["iter_num"] == 4
+    assert all(torch.equal(long["guide"][k], short["ema"][k]) for k in short["ema"])
+    assert not all(torch.equal(long["guide"][k], long["ema"][k]) for k in long["ema"])
+    proc = train(cwd, "--max_iters=6", "--guide_iter=2", "--out_dir=long", "--init_from=resume", *common)
+    assert proc.returncode == 0, proc.stderr
+    resumed = torch.load(cwd / "long" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(resumed["guide"][k], short["ema"][k]) for k in short["ema"])
+    proc = train(cwd, "--max_iters=2", "--guide_iter=2", "--out_dir=bad")
+    assert proc.returncode == 1 and "guide_iter 2 must be below max_iters 2" in proc.stderr
+
 def test_the_optimizer_sees_the_clipped_gradient(cwd):
     """grad_clip: the gradient every optimizer step sees (a global step hook of torch.optim) has norm grad_clip, the
     raw gradients of this model being far larger; grad_clip=0 leaves them as they are."""
