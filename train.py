@@ -128,7 +128,8 @@ try:
         if globals()[key] not in allowed:
             raise ValueError(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
     if guide_iter >= max_iters:
-        raise ValueError(f"guide_iter {guide_iter} must be below max_iters {max_iters}: the guide is an earlier model")
+        raise ValueError(f"guide_iter {guide_iter} must be below max_iters {max_iters}, the guide being an earlier model; "
+                         "lower it, or --guide_iter=0 for classifier-free guidance")
     if fid_interval % eval_interval:
         raise ValueError(f"fid_interval {fid_interval} is not a multiple of eval_interval {eval_interval} (FID runs at "
                          "evaluations)")
