@@ -97,9 +97,12 @@ class DiTConfig:
     num_classes: int = 10  # class ids 0..num_classes-1; id num_classes means "no class"
     dropout: float = 0.0
     prediction: str = "v"  # what the network outputs: 'eps', 'v' or 'velocity' (section 3; 'v' is not 'velocity')
+    class_adaln: bool = False  # measurement: the class embedding added to the time embedding (DiT's adaLN) too
+    self_cond: bool = False  # measurement: the network also sees its own last guess of x0 (Chen et al. 2022)
+    contrastive: float = 0.0  # measurement: trained with Contrastive Flow Matching's lambda (the sampler undoes its scale)
 
     def __post_init__(self):
-        if self.prediction not in ("v", "eps", "velocity"):
+        if self.prediction not in ("v", "eps", "velocity", "x"):
             raise ValueError(f"prediction must be 'v', 'eps' or 'velocity', got {self.prediction!r}")
         if self.input_size % self.patch_size:
             raise ValueError(f"input {self.in_channels}x{self.input_size}x{self.input_size} is not divisible by "
@@ -207,7 +210,7 @@ class DiT(nn.Module):
         self.config = config
         D, p = config.n_embd, config.patch_size
         self.grid_size = config.input_size // p
-        self.patch_embed = nn.Conv2d(config.in_channels, D, kernel_size=p, stride=p)
+        self.patch_embed = nn.Conv2d(config.in_channels * (2 if config.self_cond else 1), D, kernel_size=p, stride=p)
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, self.grid_size)[None], persistent=False)  # (1, N, D)
         for name, table in zip(("rope_cos", "rope_sin"), rope_2d(D // config.n_head, self.grid_size)):
             self.register_buffer(name, table, persistent=False)  # (N, D/H) each
@@ -244,14 +247,19 @@ class DiT(nn.Module):
                 block.modulation.copy_(torch.randn(6, D) / D**0.5)
                 block.modulation[[2, 5]] = 0.0  # the two gates
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, x0_self=None):
         """x (B, C, H, W) noisy input; t (B,) float in [0, 1]; y (B,) long class ids, num_classes meaning "no class"."""
         B, C, H, W = x.shape
         p, D = self.config.patch_size, self.config.n_embd
+        if self.config.self_cond:
+            x = torch.cat([x, torch.zeros_like(x) if x0_self is None else x0_self.to(x.dtype)], dim=1)
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         t_emb = self.t_embedder(timestep_embedding(t, self.t_freq_dim))  # (B, D)
         time_modulation = self.adaln_single(t_emb).view(B, 6, D)  # computed once, shared by all blocks
         class_token = self.class_embed(y)[:, None]  # (B, 1, D)
+        if self.config.class_adaln:
+            t_emb = t_emb + class_token[:, 0]
+            time_modulation = self.adaln_single(t_emb).view(B, 6, D)
         rope, skips = (self.rope_cos, self.rope_sin), []
         for i, block in enumerate(self.blocks):
             x = block(x, class_token, time_modulation, rope, skips.pop() if block.skip is not None else None)
@@ -266,7 +274,7 @@ class DiT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw"):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer="adamw", ns_steps=5):
         """Optimizers that hold every parameter: AdamW (decaying tensors of 2 or more dimensions), or with 'muon' Muon
         (https://kellerjordan.github.io/posts/muon/) for the blocks' matrices: it orthogonalises each one's momentum, so
         every direction moves at one rate, and learned faster per second here; its rate is matched to AdamW's."""
@@ -286,7 +294,8 @@ class DiT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
         if not muon:
             return [adamw]
-        return [torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
+        return [torch.optim.Muon(muon, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw",
+                                ns_steps=ns_steps),
                 adamw]
 
     def flops_per_image(self, training=True):
@@ -315,28 +324,33 @@ def unwrap_model(model):
 
 def check_objective(noise_schedule, prediction):
     """A clear error for a path and a prediction target that do not go together."""
-    if prediction == "velocity" and noise_schedule.name != "flow":
+    if prediction in ("velocity", "x") and noise_schedule.name != "flow":
         raise ValueError(f"prediction 'velocity' is the rectified-flow target eps - x0: use it with "
                          f"noise_schedule='flow' (with {noise_schedule.name!r}, use 'v' or 'eps')")
     if prediction == "eps" and noise_schedule.name == "flow":
         raise ValueError("prediction 'eps' cannot work with noise_schedule='flow': at t=1 the path is pure noise "
                          "(alpha = 0), so a predicted eps says nothing about x0; use prediction='velocity' (or 'v')")
 
-def sample_t(batch_size, t_sampling, device, generator=None):
+def sample_t(batch_size, t_sampling, device, generator=None, t_mean=0.0, t_std=1.0):
     """Training times: 'uniform' on [0, 1], or 'logit_normal' (SD3 section 3.1), which trains more at mid-way times."""
     if t_sampling == "uniform":
         return torch.rand(batch_size, device=device, generator=generator)
     if t_sampling == "logit_normal":
-        return torch.sigmoid(torch.randn(batch_size, device=device, generator=generator))
+        return torch.sigmoid(t_mean + t_std * torch.randn(batch_size, device=device, generator=generator))
     raise ValueError(f"t_sampling must be 'uniform' or 'logit_normal', got {t_sampling!r}")
 
-def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None):
+def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dropout=0.1, generator=None, t_mean=0.0,
+                   t_std=1.0, contrastive=0.0, immiscible=0):
     """Mean squared error between the network's prediction and its target, on images x0 noised at random times."""
     config = unwrap_model(model).config
     B, device = x0.shape[0], x0.device
     # 1. a random time and noise for every image
-    t = sample_t(B, t_sampling, device, generator)
+    t = sample_t(B, t_sampling, device, generator, t_mean, t_std)
     eps = torch.randn(x0.shape, device=device, generator=generator)
+    if immiscible > 1:  # measurement: each image takes the nearest of `immiscible` noises (Immiscible Diffusion, KNN)
+        candidates = torch.randn((immiscible, *x0.shape), device=device, generator=generator)
+        d = (candidates - x0 * noise_schedule.input_scale).flatten(2).square().sum(-1)  # (k, B)
+        eps = candidates[d.argmin(0), torch.arange(B, device=device)]
     # 2. the noisy image on the path at that time (the data scaled by b first: section 1)
     alpha, sigma = (c.view(B, 1, 1, 1) for c in noise_schedule.alpha_sigma(t))
     x0 = x0 * noise_schedule.input_scale
@@ -346,8 +360,20 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
         drop = torch.rand(B, device=device, generator=generator) < class_dropout
         y = torch.where(drop, config.num_classes, y)
     # 4. regress the prediction onto its target
-    target = {"eps": eps, "v": alpha * eps - sigma * x0, "velocity": eps - x0}[config.prediction]
-    return F.mse_loss(model(x_t, t, y).float(), target)
+    target = {"eps": eps, "v": alpha * eps - sigma * x0, "velocity": eps - x0, "x": eps - x0}[config.prediction]
+    x0_self = None
+    if config.self_cond:  # measurement: the first half of the batch sees the network's own guess (no gradient)
+        h = B // 2
+        with torch.no_grad():
+            guess = x_t[:h] - sigma[:h] * model(x_t[:h], t[:h], y[:h]).float()
+        x0_self = torch.cat([guess, torch.zeros_like(x_t[h:])])
+    out = model(x_t, t, y, x0_self).float()
+    if config.prediction == "x":  # measurement (JiT): the network outputs x0, the loss is on the velocity it implies
+        out = (x_t - out) / sigma.clamp(min=0.05)
+    loss = F.mse_loss(out, target)
+    if contrastive:  # measurement (Contrastive Flow Matching): away from another image's target
+        loss = loss - contrastive * F.mse_loss(out, target.roll(1, 0))
+    return loss
 
 # --- 4. Sampling: walk the path back from pure noise to t = 0 ---------------------------------------------------------
 # Every sampler here repeats one move. At the current point x (time t) the network guesses the clean image x0; the noise
@@ -355,21 +381,33 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
 # a step of the probability-flow ODE, whose solution maps each x_T to one image. DPM-Solver++(2M) makes the same move
 # with a better x0. Samplers work in b-scaled space and divide by b at the end.
 
-def guided_prediction(model, x, t, y, cfg_scale=1.0):
+GUIDE = None  # measurement: autoguidance's weaker model (Karras et al. 2024) in place of the unconditional one
+GUIDE_INTERVAL = (0.0, 1.0)  # measurement: guidance only for t in this interval
+
+def guided_prediction(model, x, t, y, cfg_scale=1.0, x0_self=None):
     """The output with classifier-free guidance, uncond + cfg_scale * (cond - uncond), both halves in ONE batch."""
-    if cfg_scale == 1.0:
-        return model(x, t, y).float()
+    if cfg_scale == 1.0 or not GUIDE_INTERVAL[0] <= t[0].item() <= GUIDE_INTERVAL[1]:
+        return model(x, t, y, x0_self).float()
+    if GUIDE is not None:
+        cond, guide = model(x, t, y, x0_self).float(), GUIDE(x, t, y, x0_self).float()
+        return guide + cfg_scale * (cond - guide)
     null = torch.full_like(y, unwrap_model(model).config.num_classes)
-    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    both = None if x0_self is None else torch.cat([x0_self, x0_self])
+    cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), both).float().chunk(2)
     return uncond + cfg_scale * (cond - uncond)
 
-def predict_x0(model, x, t, y, alpha, sigma, cfg_scale=1.0, clip_x0=None):
+def predict_x0(model, x, t, y, alpha, sigma, cfg_scale=1.0, clip_x0=None, x0_self=None):
     """The (guided) guess of the clean image x0 (b-scaled) at x = alpha x0 + sigma eps. clip_x0 clamps it to the data's
     range: with 'eps' at t=1, where alpha ~ 3e-5, an error of the prediction is multiplied by ~3e4."""
-    out = guided_prediction(model, x, torch.full((len(x),), t, device=x.device), y, cfg_scale)
+    self_cond = unwrap_model(model).config.self_cond
+    out = guided_prediction(model, x, torch.full((len(x),), t, device=x.device), y, cfg_scale,
+                            x0_self if self_cond else None)
+    out = out * (1 - unwrap_model(model).config.contrastive)  # (v - lambda v_other) / (1 - lambda); E v_other ~ 0
     prediction = unwrap_model(model).config.prediction
     if prediction == "eps":  # out = eps; alpha > 0 (VP gammas are clipped, check_objective rules out the flow path)
         x0 = (x - sigma * out) / alpha
+    elif prediction == "x":
+        x0 = out
     elif prediction == "velocity":  # out = eps - x0, and x = x0 + sigma (eps - x0) on the flow path
         x0 = x - sigma * out
     else:  # out = v = alpha eps - sigma x0, so alpha x - sigma v = (alpha^2 + sigma^2) x0: 1 on VP paths, not on flow
@@ -402,7 +440,8 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second
     x, x0_prev = x_T.float(), None
     path = {"x_t": [x / b], "x0_pred": []} if trajectory else None
     for i in range(len(ts) - 1):
-        x0 = predict_x0(model, x, ts[i].item(), y, *levels[i], cfg_scale, None if clip_x0 is None else clip_x0 * b)
+        x0 = predict_x0(model, x, ts[i].item(), y, *levels[i], cfg_scale, None if clip_x0 is None else clip_x0 * b,
+                        x0_prev)
         x0_step = x0
         if second_order and x0_prev is not None and math.isfinite(lambdas[i - 1]) and levels[i + 1][1] > 0:
             # DPM-Solver++(2M) (Algorithm 2): the last two guesses of x0 extrapolated linearly in lambda to the middle

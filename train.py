@@ -67,6 +67,12 @@ schedule_tau = None  # cosine/sigmoid temperature (None: 1)
 schedule_clip_min = None  # smallest gamma (None: 1e-9)
 input_scale = 1.0  # b in Chen 2023: x0 is scaled by b before noising; b < 1 shifts towards noise
 t_sampling = "uniform"  # 'uniform' or 'logit_normal' (SD3)
+t_mean, t_std = 0.0, 1.0  # measurement: logit-normal location and scale
+contrastive = 0.0  # measurement: Contrastive Flow Matching's lambda
+immiscible = 0  # measurement: noises per image to pick the nearest from (0: off)
+class_adaln = False  # measurement: the class in adaLN too
+ns_steps = 5  # measurement: Muon's Newton-Schulz iterations
+self_cond = False  # measurement: self-conditioning
 class_dropout = 0.1  # probability of training a label as "no class" (for guidance)
 flip = True  # pixels: flip half of every batch left-right (latents come flipped from prepare_cifar.py)
 # optimizer
@@ -122,7 +128,7 @@ try:
         raise ValueError(f"batch_size {batch_size} is not divisible by {world_size} processes x "
                          f"{gradient_accumulation_steps} accumulation steps; change --batch_size or "
                          "--gradient_accumulation_steps")
-    for key, allowed in [("init_from", ("scratch", "resume")), ("lr_decay", ("cosine", "constant")),
+    for key, allowed in [("init_from", ("scratch", "resume")), ("lr_decay", ("cosine", "constant", "linear", "wsd")),
                          ("optimizer", ("adamw", "muon"))]:
         if globals()[key] not in allowed:
             raise ValueError(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
@@ -137,7 +143,9 @@ try:
     meta = load_meta(data_path)
     model_config = DiTConfig(input_size=meta["shape"][1], in_channels=meta["shape"][0], patch_size=patch_size,
                              n_layer=n_layer, n_head=n_head, n_embd=n_embd, mlp_ratio=mlp_ratio,
-                             num_classes=meta["num_classes"], dropout=dropout, prediction=prediction)
+                             num_classes=meta["num_classes"], dropout=dropout, prediction=prediction,
+                             class_adaln=class_adaln, contrastive=contrastive,
+                             self_cond=self_cond)
     checkpoint = None
     if init_from == "resume":  # weights_only: a booby-trapped file is refused unread
         checkpoint = read_checkpoint(ckpt_path, "--init_from=resume needs one: train from scratch first, or point "
@@ -172,12 +180,17 @@ def get_lr(it, decay_end):
     if lr_decay == "constant":
         return learning_rate
     progress = min(1.0, (it - warmup_iters) / max(1, decay_end - warmup_iters))
+    if lr_decay == "linear":
+        return learning_rate + progress * (min_lr - learning_rate)
+    if lr_decay == "wsd":  # stable, then linear to min_lr over the last 20% of the iterations
+        return learning_rate + max(0.0, (it - 0.8 * decay_end) / (0.2 * decay_end)) * (min_lr - learning_rate)
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 model = DiT(model_config).to(device)
 ema_model = copy.deepcopy(model).requires_grad_(False).eval()  # evaluation and sampling use the EMA
 try:
-    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer)
+    optimizers = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                            ns_steps)
 except ValueError as e:  # Muon on a torch without it
     fail(str(e))
 iter_num, best_val_loss, evals_without_improvement, mlflow_run_id, saved_iter = 0, float("inf"), 0, None, None
@@ -263,7 +276,7 @@ def validation_loss(net):
     for k in range(eval_iters):
         x, y = get_batch(x_val, y_val, micro_batch, meta, flip, generator)
         with autocast:
-            losses[k] = diffusion_loss(net, schedule, x, y, t_sampling, class_dropout, generator)
+            losses[k] = diffusion_loss(net, schedule, x, y, t_sampling, class_dropout, generator)  # plain loss
     net.train(was_training)
     return losses.mean().item()
 
@@ -316,7 +329,8 @@ while iter_num < max_iters:
         x, y = get_batch(x_train, y_train, micro_batch, meta, flip, stream)
         with nullcontext() if not ddp or micro_step == A - 1 else model.no_sync():
             with autocast:
-                loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout, stream) / A
+                loss = diffusion_loss(model, schedule, x, y, t_sampling, class_dropout, stream, t_mean, t_std,
+                                      contrastive, immiscible) / A
             loss.backward()
         loss_sum += loss.detach()
     # 3. clip, step, and the EMA, ema += (1 - decay) * (w - ema) for all weights at once
