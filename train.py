@@ -128,8 +128,8 @@ try:
         if globals()[key] not in allowed:
             raise ValueError(f"{key} must be {' or '.join(map(repr, allowed))}, got {globals()[key]!r}")
     if guide_iter >= max_iters:
-        raise ValueError(f"guide_iter {guide_iter} must be below max_iters {max_iters}, the guide being an earlier model; "
-                         "lower it, or --guide_iter=0 for classifier-free guidance")
+        raise ValueError(f"guide_iter {guide_iter} must be below max_iters {max_iters}, the guide being an earlier "
+                         "model; lower it, or --guide_iter=0 for classifier-free guidance")
     if fid_interval % eval_interval:
         raise ValueError(f"fid_interval {fid_interval} is not a multiple of eval_interval {eval_interval} (FID runs at "
                          "evaluations)")
@@ -397,6 +397,7 @@ while iter_num < max_iters:
         improved = ema_val_loss < best_val_loss
         best_val_loss = min(best_val_loss, ema_val_loss)
         evals_without_improvement = 0 if improved else evals_without_improvement + 1
+        steer = guide if iter_num > guide_iter else None  # at guide_iter itself the guide is the model: CFG instead
         try:
             if master:
                 print(f"iter {iter_num}: val loss {val_loss:.4f}, EMA val loss {ema_val_loss:.4f}")
@@ -405,7 +406,7 @@ while iter_num < max_iters:
                 if can_decode:  # one row per class, named
                     labels = torch.arange(meta["num_classes"]).repeat_interleave(samples_per_class)
                     images = sample_images(ema_model, schedule, meta, labels, vae, seed, max(micro_batch, 64),
-                                           autocast, **sampling, guide=guide if iter_num > guide_iter else None)
+                                           autocast, **sampling, guide=steer)
                     grid = labelled_rows(images, meta["classes"], samples_per_class)
                     written.append(os.path.join(out_dir, f"samples_{iter_num:06d}.png"))
                     save_file(written[-1], lambda tmp: save_png(grid, tmp))
@@ -423,8 +424,7 @@ while iter_num < max_iters:
             break
         if fid_net is not None and iter_num % fid_interval == 0:  # every process samples and scores its share
             score, _ = fid.score(ema_model, schedule, meta, fid_net, fid_ref_stats, fid_num_samples, vae, seed=seed,
-                                 batch_size=max(micro_batch, 64), autocast=autocast, **sampling,
-                                 guide=guide if iter_num > guide_iter else None)
+                                 batch_size=max(micro_batch, 64), autocast=autocast, **sampling, guide=steer)
             if master:
                 print(f"iter {iter_num}: {fid.fid_metric_name(fid_num_samples)} {score:.3f}", flush=True)
                 log_mlflow("log_metrics", {fid.fid_metric_name(fid_num_samples): score}, step=iter_num)

@@ -93,6 +93,10 @@ def test_autoguidance_steers_with_the_checkpoint_s_guide(tiny_checkpoint, tmp_pa
     assert "cfg_scale 2" in said and not torch.equal(auto, cfg)
     said, plain = images(f"--ckpt={tiny_checkpoint}", "--cfg_scale=2")
     assert "cfg_scale 2" in said and torch.equal(plain, cfg)
+    ckpt["config"]["guide_iter"] = ckpt["iter_num"]  # written at guide_iter itself, where the guide is the model
+    torch.save(ckpt, tmp_path / "at_guide_iter.pt")
+    said, same = images(f"--ckpt={tmp_path / 'at_guide_iter.pt'}", "--cfg_scale=2")
+    assert "cfg_scale 2" in said and torch.equal(same, cfg)
     nets = {}
     for weights in ("ema", "guide"):
         nets[weights] = DiT(DiTConfig(**ckpt["model_config"]))
