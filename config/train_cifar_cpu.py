@@ -27,7 +27,9 @@
 #          (one seed: to confirm). Sampling the full run's model (FID-1k): classifier-free guidance 1.5 55.5, 2 53.6;
 #          autoguidance by the EMA of iteration 800 at 1.5 53.1, at 2 51.4 (kept: guide_iter, sample_cfg_scale), at 3
 #          61.6; by the EMA of iteration 1,600 54.5. The full budget, FID-2k: 41.3 with round 1's sampling -> 36.2 and
-#          35.1 (two seeds), the same training.
+#          35.1 (two seeds), the same training. Then the guide told no class (model.guided_prediction): 34.8 and 33.7
+#          (kept). Not kept: the guide of iteration 400 or 600; DDIM's times shifted toward the data (FID-2k -1.8 on one
+#          seed's model, +2.6 on the other's).
 #   EMA    ema_decay 0.999 has no effect in a run this short: train.py's decay is min(ema_decay,
 #          (1+n)/(10+n)), and the warm-up term stays below 0.999 for the first 8,990 iterations. So
 #          the average spans the last ~11% of the iterations at every checkpoint (EDM2 finds ~10% good).

@@ -391,7 +391,7 @@ def test_guidance_formula_at_one_step():
         x0 = {m: b * m + a * var / (a**2 * var + sg**2) * (x.double() - a * b * m) for m in (0.5, -0.2)}
         expected = (x0[-0.2] + 2.5 * (x0[0.5] - x0[-0.2])) / b
         assert torch.allclose(out.double(), expected, atol=1e-5), (name, prediction, (out - expected).abs().max())
-        # autoguidance: the weaker output is the guide's, told the class (here a guide that always answers -0.2's)
+        # autoguidance: the weaker output is the guide's, told no class (here a guide that always answers -0.2's)
         out = solve(TwoGaussians(), schedule, x, torch.zeros(8, dtype=torch.long), ts, cfg_scale=2.5, guide=uncond)
         assert torch.allclose(out.double(), expected, atol=1e-5), (name, prediction, (out - expected).abs().max())
 
@@ -490,11 +490,11 @@ def test_guidance():
     model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     ddim_sample(model, get_noise_schedule("cosine"), torch.randn(3, 3, 8, 8), y, steps=3, cfg_scale=2.0)
     assert calls == [6, 6, 6]  # one batched cond+uncond pass per step
-    # autoguidance: a guide network told the same class replaces the class-less pass
+    # autoguidance: a guide network's class-less output replaces the model's own
     guide = randomize_(DiT(tiny_config(num_classes=4)), seed=1).eval()
-    weak = guide(x, t, y)
+    weak = guide(x, t, torch.full_like(y, 4))
     assert torch.equal(guided_prediction(model, x, t, y, 2.0, guide), weak + 2.0 * (cond - weak))
-    assert torch.equal(guided_prediction(model, x, t, y, 2.0, model), cond)  # its own guide: no guidance
+    assert torch.equal(guided_prediction(model, x, t, y, 2.0, model), uncond + 2.0 * (cond - uncond))  # its own: CFG
 
 # --- a tiny model really learns ---------------------------------------------------
 

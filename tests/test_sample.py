@@ -70,7 +70,7 @@ def test_every_image_of_a_set_differs_and_comes_from_the_ema(tiny_checkpoint, tm
         assert torch.equal(images, expected) == same, weights
 
 def test_autoguidance_steers_with_the_checkpoint_s_guide(tiny_checkpoint, tmp_path):
-    """A checkpoint with a guide is sampled with autoguidance, the guide told the class (model.generate with guide=), at
+    """A checkpoint with a guide is sampled with autoguidance, the guide told no class (model.generate with guide=), at
     the checkpoint's sample_cfg_scale unless told another; --autoguidance=False, or a checkpoint without one, uses
     classifier-free guidance."""
     from model import DiT, DiTConfig, NoiseSchedule, generate
