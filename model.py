@@ -383,13 +383,15 @@ def diffusion_loss(model, noise_schedule, x0, y, t_sampling="uniform", class_dro
 
 GUIDE = None  # measurement: autoguidance's weaker model (Karras et al. 2024) in place of the unconditional one
 GUIDE_INTERVAL = (0.0, 1.0)  # measurement: guidance only for t in this interval
+GUIDE_NULL = False  # measurement: the guide told no class (autoguidance and classifier-free guidance at once)
+TIME_SHIFT = 1.0  # measurement: DDIM's grid warped, t -> s t / (1 + (s - 1) t); s > 1 crowds the steps near the noise
 
 def guided_prediction(model, x, t, y, cfg_scale=1.0, x0_self=None):
     """The output with classifier-free guidance, uncond + cfg_scale * (cond - uncond), both halves in ONE batch."""
     if cfg_scale == 1.0 or not GUIDE_INTERVAL[0] <= t[0].item() <= GUIDE_INTERVAL[1]:
         return model(x, t, y, x0_self).float()
     if GUIDE is not None:
-        cond, guide = model(x, t, y, x0_self).float(), GUIDE(x, t, y, x0_self).float()
+        cond, guide = model(x, t, y, x0_self).float(), GUIDE(x, t, torch.full_like(y, unwrap_model(model).config.num_classes) if GUIDE_NULL else y, x0_self).float()
         return guide + cfg_scale * (cond - guide)
     null = torch.full_like(y, unwrap_model(model).config.num_classes)
     both = None if x0_self is None else torch.cat([x0_self, x0_self])
@@ -457,7 +459,8 @@ def solve(model, noise_schedule, x_T, y, ts, cfg_scale=1.0, clip_x0=None, second
 
 def uniform_times(noise_schedule, steps):
     """steps + 1 times from t = 1 down to t = 0, evenly spaced in t (DDIM's grid)."""
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return TIME_SHIFT * ts / (1 + (TIME_SHIFT - 1) * ts)
 
 def logsnr_times(noise_schedule, steps, lambda_range=(-5.0, 5.0)):
     """steps + 1 times from t = 1 to 0 evenly spaced in log-SNR (DPM-Solver's grid for pixels, section 3.3): the steps
