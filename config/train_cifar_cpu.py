@@ -23,13 +23,14 @@
 #          training change won. Learning rate 8e-3 74.5, 2e-3 82.6; warm-up 50 73.3 (noise); the dispersive loss 77.3;
 #          TREAD (50% of tokens skip blocks 1-4, 1.49x the iterations in the same time) 74.0; batch 32 at equal time
 #          (1,250 iterations) 73.7; logit-normal t at (-0.8, 0.8), towards the clean end (JiT's numbers, whose t runs the
-#          other way) 73.4; JiT's x-prediction 77.9; contrastive flow matching 74.4; the class in adaLN too 72.7
-#          (one seed: to confirm). Sampling the full run's model (FID-1k): classifier-free guidance 1.5 55.5, 2 53.6;
-#          autoguidance by the EMA of iteration 800 at 1.5 53.1, at 2 51.4 (kept: guide_iter, sample_cfg_scale), at 3
-#          61.6; by the EMA of iteration 1,600 54.5. The full budget, FID-2k: 41.3 with round 1's sampling -> 36.2 and
-#          35.1 (two seeds), the same training. Then the guide told no class (model.guided_prediction): 34.8 and 33.7
-#          (kept). Not kept: the guide of iteration 400 or 600; DDIM's times shifted toward the data (FID-2k -1.8 on one
-#          seed's model, +2.6 on the other's).
+#          other way) 73.4; JiT's x-prediction 77.9; contrastive flow matching 74.4; the class in adaLN too 72.7,
+#          but at the full budget FID-2k 34.6 and 34.6 against 34.8 and 33.7 (two seeds: no). Sampling the full run's
+#          model (FID-1k): classifier-free guidance 1.5 55.5, 2 53.6; autoguidance by the EMA of iteration 800 at 1.5
+#          53.1, at 2 51.4 (kept: guide_iter, sample_cfg_scale), at 3 61.6; by the EMA of iteration 1,600 54.5. The
+#          full budget, FID-2k: 41.3 with round 1's sampling -> 36.2 and 35.1 (two seeds), the same training. Then the
+#          guide told no class (model.guided_prediction): 34.8 and 33.7 (kept). Not kept: the guide of iteration 400 or
+#          600; DDIM's times shifted toward the data (FID-2k -1.8 on one seed's model, +2.6 on the other's); guidance
+#          only for t in [0.2, 0.8] (-0.5, +1.8); DPM-Solver++ (-0.2, +2.4).
 #   EMA    ema_decay 0.999 has no effect in a run this short: train.py's decay is min(ema_decay,
 #          (1+n)/(10+n)), and the warm-up term stays below 0.999 for the first 8,990 iterations. So
 #          the average spans the last ~11% of the iterations at every checkpoint (EDM2 finds ~10% good).
