@@ -32,7 +32,8 @@
 #          600; DDIM's times shifted toward the data (FID-2k -1.8 on one seed's model, +2.6 on the other's); guidance
 #          only for t in [0.2, 0.8] (-0.5, +1.8); DPM-Solver++ (-0.2, +2.4). At the full budget, seed 1337, FID-2k 34.8:
 #          6 x 384 (0.48x the images/s, 1,140 iterations) 50.0: the model is still step-bound, and width costs more
-#          steps than it gives; the learning rate decayed linearly to zero 35.1.
+#          steps than it gives; the learning rate decayed linearly to zero 35.1; 6 x 192 (4,080 iterations, ~10% over
+#          the budget) 30.4, not yet kept: it needs the exact budget and a second seed.
 #   EMA    ema_decay 0.999 has no effect in a run this short: train.py's decay is min(ema_decay,
 #          (1+n)/(10+n)), and the warm-up term stays below 0.999 for the first 8,990 iterations. So
 #          the average spans the last ~11% of the iterations at every checkpoint (EDM2 finds ~10% good).
