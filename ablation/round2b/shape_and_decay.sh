@@ -16,3 +16,7 @@ python $S full/lin0_s1337/ckpt.pt 2000 "cfg=2 guide=full/lin0_s1337/ckpt_0.pt gu
 # the wider model's guide re-tuned, FID-1k: a guide from two thirds of the run, and the guide of a third at scale 1.5
 python $S full/w384_s1337/ckpt.pt 1000 "cfg=2 guide=full/w384_s1337/ckpt_1.pt guidenull=1" \
   "cfg=1.5 guide=full/w384_s1337/ckpt_0.pt guidenull=1"
+# 3. 6 x 192 (3 heads of 64), 4,080 iterations (1.71x by ab_speed; the steps ran 1.54x: ~10% over the budget)
+bash full_run.sh w192_s1337 --n_embd=192 --n_head=3 --max_iters=4080 --eval_interval=1360 --guide_iter=1360 \
+  --warmup_iters=340
+python $S full/w192_s1337/ckpt.pt 2000 "cfg=2 guide=full/w192_s1337/ckpt_0.pt guidenull=1"
